@@ -1,0 +1,116 @@
+//! The records the eBPF program and its loader share. Everything here is `#[repr(C)]`, plain
+//! old data, and laid out without implicit padding, so both sides agree byte for byte.
+#![no_std]
+
+/// Workers (cgroups `<slice>/<group>/<instance>`) the kernel keeps counters for at once.
+/// A worker beyond this is not counted and `ProbeStats::workers_full` says so.
+pub const MAX_WORKERS: u32 = 4096;
+
+/// Slice tasks that can wait on a run queue at the same moment. A task beyond this has its
+/// wait not measured and `ProbeStats::queued_full` says so.
+pub const MAX_QUEUED_TASKS: u32 = 32768;
+
+/// Size the `RUNNING` array is declared with; the loader shrinks it to the possible CPUs.
+pub const MAX_CPUS: u32 = 4096;
+
+/// Cumulative counters of one worker, kept per CPU by the kernel and summed by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Nanoseconds the kernel charged to the worker's tasks (`sched_stat_runtime`).
+    pub cpu_ns: u64,
+    /// Nanoseconds the worker's tasks spent runnable but not running.
+    pub runq_wait_ns: u64,
+    /// Number of run-queue waits that ended (the task got the CPU).
+    pub runq_waits: u64,
+    /// Switches where the task gave up the CPU itself (blocked).
+    pub voluntary_switches: u64,
+    /// Switches where the task was preempted or yielded while runnable.
+    pub involuntary_switches: u64,
+}
+
+/// What one CPU is running now: written at every context switch, so the loader can add the
+/// time a worker task has accrued since the kernel last charged it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunningTask {
+    /// Kernel address of the task (`struct task_struct *`); identity only, never dereferenced
+    /// by the loader.
+    pub task: u64,
+    /// v2 cgroup id of the worker the task belongs to; 0 when it belongs to none.
+    pub worker: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the task was last charged or switched in.
+    pub since_ns: u64,
+    /// Thread id in the initial PID namespace.
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
+/// appears (or re-appears with a new id) without reloading the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SliceFilter {
+    /// v2 cgroup id (inode number) of the slice directory; 0 = no slice yet, count nothing.
+    pub id: u64,
+    /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1). Workers are two deeper.
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// Failures the probes count instead of losing silently.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// Events for a worker that had no room in the `WORKERS` map.
+    pub workers_full: u64,
+    /// Run-queue waits not measured because `QUEUED` was full.
+    pub queued_full: u64,
+    /// Kernel memory reads that failed (a task or cgroup torn down under us).
+    pub read_errors: u64,
+}
+
+/// Byte offsets of the kernel struct fields the probes read, and the positions of the raw
+/// tracepoint arguments they use. Rust eBPF gets no CO-RE relocations, so the loader resolves
+/// these from the running kernel's BTF and hands them in as a read-only global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `task_struct.pid`
+    pub task_pid: u32,
+    /// `task_struct.cgroups` (`struct css_set *`)
+    pub task_cgroups: u32,
+    /// The CPU a task is on: `task_struct.thread_info.cpu` or `task_struct.cpu`.
+    pub task_cpu: u32,
+    /// `css_set.dfl_cgrp` (`struct cgroup *`, the v2 cgroup)
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup.level`
+    pub cgroup_level: u32,
+    /// `cgroup.ancestors` (flexible array of `struct cgroup *`, indexed by level)
+    pub cgroup_ancestors: u32,
+    /// `cgroup.kn` (`struct kernfs_node *`)
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`, the cgroup id
+    pub kernfs_node_id: u32,
+    /// `sched_switch(bool preempt, task *prev, task *next, unsigned int prev_state)`
+    pub switch_preempt: u32,
+    pub switch_prev: u32,
+    pub switch_next: u32,
+    pub switch_prev_state: u32,
+    /// `sched_stat_runtime(task *p, u64 runtime)`
+    pub runtime_task: u32,
+    pub runtime_delta: u32,
+    /// `sched_wakeup(task *p)` and `sched_wakeup_new(task *p)`
+    pub wakeup_task: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is repr(C), Copy, has no padding and is valid for any bit pattern.
+    unsafe impl aya::Pod for super::WorkerCounters {}
+    unsafe impl aya::Pod for super::RunningTask {}
+    unsafe impl aya::Pod for super::SliceFilter {}
+    unsafe impl aya::Pod for super::ProbeStats {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}

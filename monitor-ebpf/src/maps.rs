@@ -1,0 +1,81 @@
+//! The maps the probes share with the loader, and the counters' update helpers.
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+};
+use aya_log_ebpf::warn;
+use monitor_common::{
+    ProbeStats, RunningTask, SliceFilter, WorkerCounters, MAX_CPUS, MAX_QUEUED_TASKS, MAX_WORKERS,
+};
+
+/// Worker cgroup id → counters. Per CPU, so a worker busy on many cores never contends.
+#[map]
+pub static WORKERS: PerCpuHashMap<u64, WorkerCounters> =
+    PerCpuHashMap::with_max_entries(MAX_WORKERS, 0);
+
+/// CPU → the task it runs now. Written by its own CPU at every switch, and by another CPU
+/// only when that one charges this CPU's task remotely.
+#[map]
+pub static RUNNING: Array<RunningTask> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// Thread id → when a slice task became runnable (wakeup or preemption).
+#[map]
+pub static QUEUED: HashMap<u32, u64> = HashMap::with_max_entries(MAX_QUEUED_TASKS, 0);
+
+/// The watched slice (one entry), set by the loader.
+#[map]
+pub static SLICE: Array<SliceFilter> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static STATS: PerCpuArray<ProbeStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// The watched slice, or `None` while there is none: then no probe does any work.
+#[inline(always)]
+pub fn slice() -> Option<&'static SliceFilter> {
+    let slice = SLICE.get(0)?;
+    (slice.id != 0).then_some(slice)
+}
+
+#[inline(always)]
+pub fn stats() -> Option<&'static mut ProbeStats> {
+    // SAFETY: per-CPU value, and the probes do not nest on one CPU.
+    STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The counters of `worker` on this CPU, created on the worker's first event.
+#[inline(always)]
+pub fn counters<C: aya_ebpf::EbpfContext>(ctx: &C, worker: u64) -> Option<&'static mut WorkerCounters> {
+    if let Some(p) = WORKERS.get_ptr_mut(worker) {
+        // SAFETY: per-CPU value, and the probes do not nest on one CPU.
+        return Some(unsafe { &mut *p });
+    }
+    let _ = WORKERS.insert(worker, WorkerCounters::default(), BPF_NOEXIST as u64);
+    match WORKERS.get_ptr_mut(worker) {
+        Some(p) => Some(unsafe { &mut *p }),
+        None => {
+            if let Some(s) = stats() {
+                if s.workers_full == 0 {
+                    warn!(ctx, "WORKERS map full ({} entries): worker cgroup {} not counted", MAX_WORKERS, worker);
+                }
+                s.workers_full += 1;
+            }
+            None
+        }
+    }
+}
+
+/// Remembers that slice task `tid` became runnable at `now`. `replace` is false for wakeups,
+/// which must not move the start of a wait that is already running.
+#[inline(always)]
+pub fn mark_queued(tid: u32, now: u64, replace: bool) {
+    let flags = if replace { 0 } else { BPF_NOEXIST as u64 };
+    // EEXIST under NOEXIST is the expected "already queued" case, not a failure.
+    if let Err(e) = QUEUED.insert(tid, now, flags) {
+        if e != -17 {
+            if let Some(s) = stats() {
+                s.queued_full += 1;
+            }
+        }
+    }
+}

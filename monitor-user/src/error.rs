@@ -1,0 +1,58 @@
+//! The daemon's one error type: every variant says what failed and on what.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "hive-monitor needs CAP_BPF and CAP_PERFMON (or root) to load its probes; \
+         this process lacks {missing}. Run it as root or grant those capabilities"
+    )]
+    NotPrivileged { missing: &'static str },
+
+    #[error("kernel BTF not readable at {path}: {reason} (the kernel needs CONFIG_DEBUG_INFO_BTF)")]
+    NoBtf { path: PathBuf, reason: String },
+
+    #[error("kernel BTF: {0}")]
+    Btf(String),
+
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+
+    #[error("eBPF program `{program}`: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("eBPF map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+
+    #[error("no cgroup2 file system at /sys/fs/cgroup or /sys/fs/cgroup/unified; pass --cgroup-root")]
+    NoCgroup2,
+
+    #[error("{path} is not a cgroup2 directory")]
+    NotCgroup2 { path: PathBuf },
+
+    #[error("invalid slice path `{0}`: it must be relative, with no `.`, `..` or empty parts")]
+    BadSlice(String),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

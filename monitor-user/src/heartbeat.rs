@@ -1,0 +1,179 @@
+//! The wire model: the reference `HiveHeartbeat` shape (every reference field name) plus
+//! additive extensions. Figures not collected are `null`, never a made-up 0.
+use serde::Serialize;
+
+use crate::sampler::{Sample, WorkerSample};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Heartbeat {
+    pub schema_version: u32,
+    /// Increases by one per heartbeat from 1; a gap means heartbeats were missed.
+    pub seq: u64,
+    /// Wall length of the interval the rates cover, ms.
+    pub interval_ms: f64,
+    pub hive: Hive,
+    /// RFC 3339, UTC, seconds.
+    pub timestamp: String,
+    pub workers: Vec<Worker>,
+    pub collector: Collector,
+}
+
+/// Identity and host vitals of this host.
+#[derive(Clone, Debug, Serialize)]
+pub struct Hive {
+    pub id: String,
+    pub hostname: String,
+    pub port: u16,
+    pub operational_status: &'static str,
+    pub health_status: &'static str,
+    pub version: &'static str,
+    pub cpu_usage_percent: Option<f64>,
+    pub ram_used_gb: Option<f64>,
+    pub ram_total_gb: Option<f64>,
+    pub vram_per_device: Option<Vec<serde_json::Value>>,
+    /// Seconds this daemon has been running.
+    pub uptime_seconds: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Worker {
+    pub pid: Option<u32>,
+    pub group: String,
+    pub instance: String,
+    pub cpu_pct: Option<f64>,
+    pub rss_mb: Option<u64>,
+    pub gpu_util_pct: Option<f64>,
+    pub vram_mb: Option<u64>,
+    pub model: Option<String>,
+    pub uptime_s: Option<u64>,
+    pub io_r_mb_s: Option<f64>,
+    pub io_w_mb_s: Option<f64>,
+    // Extensions.
+    /// The worker's cgroup path below the cgroup2 root.
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub processes: usize,
+    pub cpu_ns_total: u64,
+    /// Share of the interval the worker's tasks spent runnable but not running (100 = one
+    /// task waiting the whole interval).
+    pub runq_wait_pct: Option<f64>,
+    pub runq_wait_ns_total: u64,
+    pub runq_waits_total: u64,
+    pub ctx_switches_voluntary_total: u64,
+    pub ctx_switches_involuntary_total: u64,
+}
+
+/// Where each figure came from.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Ebpf,
+    Procfs,
+    Cgroup,
+    Nvml,
+    Unavailable,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Collector {
+    pub cpu: Source,
+    pub runq: Source,
+    pub ctx_switches: Source,
+    pub memory: Source,
+    pub io: Source,
+    pub gpu: Source,
+    pub model: Source,
+    pub host: Source,
+    pub probes: ProbeHealth,
+}
+
+/// Events the probes could not account, cumulative since start; non-zero means some
+/// figure is incomplete.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeHealth {
+    pub workers_map_full: u64,
+    pub queued_map_full: u64,
+    pub read_errors: u64,
+}
+
+/// What the daemon says about itself in every heartbeat.
+#[derive(Clone, Debug)]
+pub struct HiveIdentity {
+    pub id: String,
+    pub hostname: String,
+    pub port: u16,
+}
+
+impl Heartbeat {
+    pub fn new(sample: &Sample, identity: &HiveIdentity, uptime_seconds: u64) -> Self {
+        Heartbeat {
+            schema_version: SCHEMA_VERSION,
+            seq: sample.seq,
+            interval_ms: round(sample.interval_ns as f64 / 1e6, 3),
+            hive: Hive {
+                id: identity.id.clone(),
+                hostname: identity.hostname.clone(),
+                port: identity.port,
+                operational_status: "ready",
+                health_status: "healthy",
+                version: env!("CARGO_PKG_VERSION"),
+                cpu_usage_percent: None,
+                ram_used_gb: None,
+                ram_total_gb: None,
+                vram_per_device: None,
+                uptime_seconds,
+            },
+            timestamp: humantime::format_rfc3339_seconds(sample.wall).to_string(),
+            workers: sample.workers.iter().map(Worker::from).collect(),
+            collector: Collector {
+                cpu: Source::Ebpf,
+                runq: Source::Ebpf,
+                ctx_switches: Source::Ebpf,
+                memory: Source::Unavailable,
+                io: Source::Unavailable,
+                gpu: Source::Unavailable,
+                model: Source::Unavailable,
+                host: Source::Unavailable,
+                probes: ProbeHealth {
+                    workers_map_full: sample.probe_stats.workers_full,
+                    queued_map_full: sample.probe_stats.queued_full,
+                    read_errors: sample.probe_stats.read_errors,
+                },
+            },
+        }
+    }
+}
+
+impl From<&WorkerSample> for Worker {
+    fn from(w: &WorkerSample) -> Self {
+        Worker {
+            pid: w.pid,
+            group: w.cgroup.group.clone(),
+            instance: w.cgroup.instance.clone(),
+            cpu_pct: w.cpu_pct.map(|v| round(v, 2)),
+            rss_mb: None,
+            gpu_util_pct: None,
+            vram_mb: None,
+            model: None,
+            uptime_s: w.uptime_s,
+            io_r_mb_s: None,
+            io_w_mb_s: None,
+            cgroup: w.cgroup.path.clone(),
+            cgroup_id: w.cgroup.id,
+            processes: w.processes,
+            cpu_ns_total: w.counters.cpu_ns,
+            runq_wait_pct: w.runq_wait_pct.map(|v| round(v, 2)),
+            runq_wait_ns_total: w.counters.runq_wait_ns,
+            runq_waits_total: w.counters.runq_waits,
+            ctx_switches_voluntary_total: w.counters.voluntary_switches,
+            ctx_switches_involuntary_total: w.counters.involuntary_switches,
+        }
+    }
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}

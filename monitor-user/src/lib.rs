@@ -1,0 +1,9 @@
+//! hive-monitor's loader and daemon. Data flows one way:
+//! `probes` (kernel) and `sources` (files) → `sampler` (merge, rates) → `heartbeat` (model)
+//! → `sinks` (output).
+pub mod error;
+pub mod heartbeat;
+pub mod probes;
+pub mod sampler;
+pub mod sinks;
+pub mod sources;

@@ -1,0 +1,168 @@
+//! Resolves `KernelLayout` from the running kernel's BTF: the struct field offsets and raw
+//! tracepoint argument positions the probes use, so nothing kernel-specific is compiled in.
+use btf_rs::{Btf, Type};
+use monitor_common::KernelLayout;
+
+use crate::error::{Error, Result};
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+pub fn resolve(btf: &Btf) -> Result<KernelLayout> {
+    let switch = TracepointArgs::resolve(btf, "sched_switch")?;
+    let runtime = TracepointArgs::resolve(btf, "sched_stat_runtime")?;
+    let wakeup = TracepointArgs::resolve(btf, "sched_wakeup")?;
+    let wakeup_new = TracepointArgs::resolve(btf, "sched_wakeup_new")?;
+    let wakeup_task = wakeup.nth(ArgKind::TaskPtr, 0)?;
+    if wakeup_new.nth(ArgKind::TaskPtr, 0)? != wakeup_task {
+        return Err(Error::Btf("sched_wakeup and sched_wakeup_new take the task at different positions".into()));
+    }
+    let task_cpu = offset(btf, "task_struct", &["thread_info", "cpu"])
+        .or_else(|_| offset(btf, "task_struct", &["cpu"]))?;
+    Ok(KernelLayout {
+        task_pid: offset(btf, "task_struct", &["pid"])?,
+        task_cgroups: offset(btf, "task_struct", &["cgroups"])?,
+        task_cpu,
+        css_set_dfl_cgrp: offset(btf, "css_set", &["dfl_cgrp"])?,
+        cgroup_level: offset(btf, "cgroup", &["level"])?,
+        cgroup_ancestors: offset(btf, "cgroup", &["ancestors"])?,
+        cgroup_kn: offset(btf, "cgroup", &["kn"])?,
+        kernfs_node_id: offset(btf, "kernfs_node", &["id"])?,
+        switch_preempt: switch.nth(ArgKind::Bool, 0)?,
+        switch_prev: switch.nth(ArgKind::TaskPtr, 0)?,
+        switch_next: switch.nth(ArgKind::TaskPtr, 1)?,
+        switch_prev_state: switch.nth(ArgKind::Int(4), 0)?,
+        runtime_task: runtime.nth(ArgKind::TaskPtr, 0)?,
+        runtime_delta: runtime.nth(ArgKind::Int(8), 0)?,
+        wakeup_task,
+        _pad: 0,
+    })
+}
+
+fn btf_err(what: impl std::fmt::Display, e: btf_rs::Error) -> Error {
+    Error::Btf(format!("{what}: {e}"))
+}
+
+/// Follows typedefs and qualifiers to the type they name.
+fn strip(btf: &Btf, mut t: Type) -> Result<Type> {
+    loop {
+        t = match &t {
+            Type::Typedef(x) => btf.resolve_chained_type(x),
+            Type::Const(x) | Type::Volatile(x) | Type::Restrict(x) => btf.resolve_chained_type(x),
+            Type::TypeTag(x) => btf.resolve_chained_type(x),
+            _ => return Ok(t),
+        }
+        .map_err(|e| btf_err("following a typedef", e))?;
+    }
+}
+
+fn named_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct> {
+    let types = btf.resolve_types_by_name(name).map_err(|e| btf_err(format!("struct {name}"), e))?;
+    types
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Btf(format!("struct {name} not found")))
+}
+
+/// Byte offset of `path` (nested member names) inside `struct name`; members of anonymous
+/// structs and unions are searched through, as C does.
+pub fn offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
+    let s = named_struct(btf, name)?;
+    let bits = member_bits(btf, &s, path)
+        .ok_or_else(|| Error::Btf(format!("struct {name} has no member {}", path.join("."))))?;
+    if bits % 8 != 0 {
+        return Err(Error::Btf(format!("{name}.{} is a bit field", path.join("."))));
+    }
+    Ok(bits / 8)
+}
+
+fn member_bits(btf: &Btf, s: &btf_rs::Struct, path: &[&str]) -> Option<u32> {
+    let (first, rest) = path.split_first()?;
+    for m in &s.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        let inner = || match strip(btf, btf.resolve_chained_type(m).ok()?).ok()? {
+            Type::Struct(x) | Type::Union(x) => Some(x),
+            _ => None,
+        };
+        if name.is_empty() {
+            if let Some(off) = inner().and_then(|x| member_bits(btf, &x, path)) {
+                return Some(m.bit_offset() + off);
+            }
+        } else if name == *first {
+            if rest.is_empty() {
+                return Some(m.bit_offset());
+            }
+            return inner().and_then(|x| member_bits(btf, &x, rest)).map(|o| m.bit_offset() + o);
+        }
+    }
+    None
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ArgKind {
+    Bool,
+    TaskPtr,
+    /// An integer of this many bytes.
+    Int(usize),
+    Other,
+}
+
+/// The argument kinds of a tracepoint's `TP_PROTO`, read from the kernel's
+/// `btf_trace_<name>` typedef (its parameter names are not in BTF, so kinds identify them).
+struct TracepointArgs {
+    name: &'static str,
+    kinds: Vec<ArgKind>,
+}
+
+impl TracepointArgs {
+    fn resolve(btf: &Btf, name: &'static str) -> Result<Self> {
+        let typedef = format!("btf_trace_{name}");
+        let err = |e| btf_err(&typedef, e);
+        let t = btf.resolve_types_by_name(&typedef).map_err(err)?.into_iter().next();
+        let Some(Type::Typedef(t)) = t else {
+            return Err(Error::Btf(format!("tracepoint {name}: no {typedef} in kernel BTF")));
+        };
+        let Type::Ptr(p) = btf.resolve_chained_type(&t).map_err(err)? else {
+            return Err(Error::Btf(format!("{typedef} is not a function pointer")));
+        };
+        let Type::FuncProto(proto) = btf.resolve_chained_type(&p).map_err(err)? else {
+            return Err(Error::Btf(format!("{typedef} is not a function pointer")));
+        };
+        // The first parameter is the tracepoint's private `void *__data`, not a TP_PROTO arg.
+        let kinds = proto
+            .parameters
+            .iter()
+            .skip(1)
+            .map(|param| {
+                let t = btf.resolve_chained_type(param).map_err(err)?;
+                Ok(match strip(btf, t)? {
+                    Type::Int(i) if i.is_bool() => ArgKind::Bool,
+                    Type::Int(i) => ArgKind::Int(i.size()),
+                    Type::Ptr(p) => match strip(btf, btf.resolve_chained_type(&p).map_err(err)?)? {
+                        Type::Struct(s) if btf.resolve_name(&s).ok().as_deref() == Some("task_struct") => {
+                            ArgKind::TaskPtr
+                        }
+                        _ => ArgKind::Other,
+                    },
+                    _ => ArgKind::Other,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { name, kinds })
+    }
+
+    /// Position of the `n`th argument of `kind`.
+    fn nth(&self, kind: ArgKind, n: usize) -> Result<u32> {
+        self.kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == kind)
+            .nth(n)
+            .map(|(i, _)| i as u32)
+            .ok_or_else(|| {
+                Error::Btf(format!("tracepoint {} has no argument #{n} of kind {kind:?} (has {:?})", self.name, self.kinds))
+            })
+    }
+}

@@ -1,0 +1,215 @@
+//! The one place that merges readings and turns counters into rates: it keeps the previous
+//! kernel reading and diffs it against the next.
+use std::{
+    collections::{HashMap, HashSet},
+    time::SystemTime,
+};
+
+use monitor_common::{ProbeStats, SliceFilter, WorkerCounters};
+
+use crate::{
+    error::Result,
+    probes::{KernelReading, Probes},
+    sources::{
+        cgroup::{self, Slice, WorkerCgroup},
+        procfs,
+    },
+};
+
+/// One worker in one sample.
+#[derive(Clone, Debug)]
+pub struct WorkerSample {
+    pub cgroup: WorkerCgroup,
+    /// Main process: the oldest process in the worker's cgroups; `None` if it has none.
+    pub pid: Option<u32>,
+    /// Seconds the main process has been running.
+    pub uptime_s: Option<u64>,
+    pub processes: usize,
+    /// Cumulative counters since the probes were attached (monotonic).
+    pub counters: WorkerCounters,
+    /// On-CPU time over the interval, percent of one core.
+    pub cpu_pct: Option<f64>,
+    /// Run-queue wait over the interval, percent of one task waiting all the time.
+    pub runq_wait_pct: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// 1 for the first sample after start.
+    pub seq: u64,
+    pub wall: SystemTime,
+    /// CLOCK_MONOTONIC ns at which the counters were read.
+    pub at_ns: u64,
+    /// Length of the interval the rates cover.
+    pub interval_ns: u64,
+    pub workers: Vec<WorkerSample>,
+    pub probe_stats: ProbeStats,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MainProcess {
+    pid: u32,
+    start_ticks: u64,
+}
+
+pub struct Sampler {
+    probes: Probes,
+    slice: Slice,
+    filter: SliceFilter,
+    prev: KernelReading,
+    mains: HashMap<u64, MainProcess>,
+    seq: u64,
+    clk_tck: u64,
+}
+
+impl Sampler {
+    /// Points the probes at `slice` and takes the baseline reading the first rates start from.
+    pub fn new(mut probes: Probes, slice: Slice) -> Result<Self> {
+        let filter = slice.filter();
+        probes.set_slice(filter)?;
+        if filter.id == 0 {
+            log::warn!("slice {} does not exist yet; watching for it", slice.dir().display());
+        }
+        let prev = probes.read()?;
+        Ok(Self {
+            probes,
+            slice,
+            filter,
+            prev,
+            mains: HashMap::new(),
+            seq: 0,
+            clk_tck: procfs::clock_ticks_per_s(),
+        })
+    }
+
+    pub fn slice(&self) -> &Slice {
+        &self.slice
+    }
+
+    pub fn sample(&mut self) -> Result<Sample> {
+        let filter = self.slice.filter();
+        if filter != self.filter {
+            log::info!("slice {} now has cgroup id {}", self.slice.dir().display(), filter.id);
+            self.probes.set_slice(filter)?;
+            self.filter = filter;
+        }
+        let cgroups = self.slice.workers()?;
+        let wall = SystemTime::now();
+        let reading = self.probes.read()?;
+        let interval_ns = reading.at_ns.saturating_sub(self.prev.at_ns);
+        let boottime_s = procfs::boottime_s();
+
+        let mut current = reading.workers;
+        let mut workers = Vec::with_capacity(cgroups.len());
+        for cg in cgroups {
+            let procs = match cgroup::procs(&cg.dir) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::debug!("worker {}/{} skipped: {e}", cg.group, cg.instance);
+                    continue;
+                }
+            };
+            let main = self.main_process(cg.id, &procs);
+            let prev = self.prev.workers.get(&cg.id).copied().unwrap_or_default();
+            let counters = monotonic(prev, current.get(&cg.id).copied().unwrap_or_default());
+            current.insert(cg.id, counters);
+            workers.push(WorkerSample {
+                pid: main.map(|m| m.pid),
+                uptime_s: main.map(|m| uptime_s(m.start_ticks, self.clk_tck, boottime_s)),
+                processes: procs.len(),
+                cpu_pct: rate_pct(prev.cpu_ns, counters.cpu_ns, interval_ns),
+                runq_wait_pct: rate_pct(prev.runq_wait_ns, counters.runq_wait_ns, interval_ns),
+                counters,
+                cgroup: cg,
+            });
+        }
+
+        let seen: HashSet<u64> = workers.iter().map(|w| w.cgroup.id).collect();
+        self.forget_removed(&seen, &current);
+        self.mains.retain(|id, _| seen.contains(id));
+        self.prev = KernelReading { at_ns: reading.at_ns, workers: current, stats: reading.stats };
+        self.seq += 1;
+        Ok(Sample { seq: self.seq, wall, at_ns: reading.at_ns, interval_ns, workers, probe_stats: reading.stats })
+    }
+
+    /// Drops the kernel counters of workers whose cgroup is gone. An id counts as gone when
+    /// it was counted at the last reading yet missing from this walk; one created after this
+    /// walk is not in the last reading, so it is kept until the next walk finds it.
+    fn forget_removed(&mut self, seen: &HashSet<u64>, current: &HashMap<u64, WorkerCounters>) {
+        let gone: Vec<u64> = current
+            .keys()
+            .filter(|id| !seen.contains(id) && self.prev.workers.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Err(e) = self.probes.forget(id) {
+                log::warn!("{e}");
+            }
+        }
+    }
+
+    /// The oldest of `procs`, cached while it stays in the worker.
+    fn main_process(&mut self, worker: u64, procs: &[u32]) -> Option<MainProcess> {
+        if let Some(m) = self.mains.get(&worker) {
+            if procs.contains(&m.pid) {
+                return Some(*m);
+            }
+        }
+        let main = procs
+            .iter()
+            .filter_map(|&pid| procfs::start_ticks(pid).ok().map(|start_ticks| MainProcess { pid, start_ticks }))
+            .min_by_key(|m| (m.start_ticks, m.pid))?;
+        self.mains.insert(worker, main);
+        Some(main)
+    }
+}
+
+/// Percent of one unit over an interval: Δ`value` ns per Δwall ns × 100.
+pub fn rate_pct(prev_ns: u64, cur_ns: u64, interval_ns: u64) -> Option<f64> {
+    (interval_ns > 0).then(|| cur_ns.saturating_sub(prev_ns) as f64 * 100.0 / interval_ns as f64)
+}
+
+/// Counters never go backwards: the in-flight estimate of a reading can exceed what the
+/// kernel then charges by a few microseconds, and a consumer must never see a negative rate.
+fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
+    WorkerCounters {
+        cpu_ns: cur.cpu_ns.max(prev.cpu_ns),
+        runq_wait_ns: cur.runq_wait_ns.max(prev.runq_wait_ns),
+        runq_waits: cur.runq_waits.max(prev.runq_waits),
+        voluntary_switches: cur.voluntary_switches.max(prev.voluntary_switches),
+        involuntary_switches: cur.involuntary_switches.max(prev.involuntary_switches),
+    }
+}
+
+fn uptime_s(start_ticks: u64, clk_tck: u64, boottime_s: f64) -> u64 {
+    (boottime_s - start_ticks as f64 / clk_tck as f64).max(0.0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_is_delta_over_wall() {
+        assert_eq!(rate_pct(0, 1_000_000_000, 1_000_000_000), Some(100.0));
+        assert_eq!(rate_pct(500, 500 + 2_000_000_000, 1_000_000_000), Some(200.0));
+        assert_eq!(rate_pct(10, 10 + 250_000_000, 1_000_000_000), Some(25.0));
+        assert_eq!(rate_pct(7, 7, 1_000_000_000), Some(0.0));
+        assert_eq!(rate_pct(0, 5, 0), None, "no interval, no rate");
+        assert_eq!(rate_pct(9, 3, 1_000), Some(0.0), "a counter that went back is no negative rate");
+    }
+
+    #[test]
+    fn counters_stay_monotonic() {
+        let prev = WorkerCounters { cpu_ns: 100, runq_waits: 5, ..Default::default() };
+        let cur = WorkerCounters { cpu_ns: 90, runq_waits: 7, ..Default::default() };
+        let m = monotonic(prev, cur);
+        assert_eq!((m.cpu_ns, m.runq_waits), (100, 7));
+    }
+
+    #[test]
+    fn uptime_counts_from_start() {
+        assert_eq!(uptime_s(1000, 100, 70.5), 60);
+        assert_eq!(uptime_s(1000, 100, 5.0), 0, "clock skew never gives a negative uptime");
+    }
+}

@@ -1,0 +1,2 @@
+//! Where heartbeats go.
+pub mod stdout;

@@ -1,0 +1,184 @@
+//! The cgroup2 tree: where it is mounted, the watched slice, and the workers in it.
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Component, Path, PathBuf},
+};
+
+use monitor_common::SliceFilter;
+
+use crate::error::{Error, Result};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Longest group or instance name accepted (bytes).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Whether `path` is on a cgroup2 file system.
+pub fn is_cgroup2(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    (unsafe { libc::statfs(c.as_ptr(), &mut fs) } == 0) && fs.f_type as i64 == CGROUP2_SUPER_MAGIC
+}
+
+/// The cgroup2 mount: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn detect_root() -> Result<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| is_cgroup2(p))
+        .ok_or(Error::NoCgroup2)
+}
+
+/// A group or instance name that is safe to put in a path and in a heartbeat.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
+        && !name.chars().any(char::is_control)
+}
+
+/// The watched slice: `<root>/<rel>`, e.g. `/sys/fs/cgroup/unified/rbee.slice`.
+#[derive(Clone, Debug)]
+pub struct Slice {
+    root: PathBuf,
+    rel: PathBuf,
+    level: u32,
+}
+
+/// A worker cgroup, `<slice>/<group>/<instance>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerCgroup {
+    /// v2 cgroup id: the directory's inode number, what `bpf_get_current_cgroup_id()` returns.
+    pub id: u64,
+    pub group: String,
+    pub instance: String,
+    pub dir: PathBuf,
+    /// Path relative to the cgroup2 root, as `/proc/<pid>/cgroup` shows it (leading `/`).
+    pub path: String,
+}
+
+impl Slice {
+    /// `rel` is the slice's path below the cgroup2 mount `root`; it may be nested.
+    pub fn new(root: impl Into<PathBuf>, rel: &str) -> Result<Self> {
+        let root = root.into();
+        if !is_cgroup2(&root) {
+            return Err(Error::NotCgroup2 { path: root });
+        }
+        let rel_path = PathBuf::from(rel);
+        let parts: Vec<_> = rel_path.components().collect();
+        let clean = !parts.is_empty()
+            && parts.iter().all(|c| matches!(c, Component::Normal(n) if n.to_str().is_some_and(valid_name)));
+        if !clean || rel.ends_with('/') || rel.contains("//") {
+            return Err(Error::BadSlice(rel.to_string()));
+        }
+        Ok(Self { level: parts.len() as u32, root, rel: rel_path })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(&self.rel)
+    }
+
+    /// Depth below the cgroup2 root; equals the kernel's `cgroup->level` when this process
+    /// sees the host's cgroup namespace, which the daemon requires.
+    pub fn level(&self) -> u32 {
+        self.level
+    }
+
+    /// What the probes filter on; id 0 while the slice does not exist.
+    pub fn filter(&self) -> SliceFilter {
+        let id = std::fs::metadata(self.dir()).map(|m| m.ino()).unwrap_or(0);
+        SliceFilter { id, level: self.level, _pad: 0 }
+    }
+
+    /// The workers now in the slice. A missing slice has none; names that fail
+    /// `valid_name` are skipped with a warning.
+    pub fn workers(&self) -> Result<Vec<WorkerCgroup>> {
+        let dir = self.dir();
+        let mut out = Vec::new();
+        for (group, group_dir) in subdirs(&dir)? {
+            for (instance, instance_dir) in subdirs(&group_dir)? {
+                let Ok(meta) = std::fs::metadata(&instance_dir) else { continue }; // just removed
+                let path = format!("/{}/{group}/{instance}", self.rel.display());
+                out.push(WorkerCgroup { id: meta.ino(), group: group.clone(), instance, dir: instance_dir, path });
+            }
+        }
+        out.sort_by(|a, b| (&a.group, &a.instance).cmp(&(&b.group, &b.instance)));
+        Ok(out)
+    }
+}
+
+/// Child cgroups of `dir` with valid names. A directory that vanished has none.
+fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        // file_type() does not follow symlinks: a link planted in the slice is not a worker.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match entry.file_name().into_string() {
+            Ok(name) if valid_name(&name) => out.push((name, entry.path())),
+            name => log::warn!("skipping cgroup with an invalid name {:?} in {}", name, dir.display()),
+        }
+    }
+    Ok(out)
+}
+
+/// Processes in the cgroup at `dir` and every cgroup below it.
+pub fn procs(dir: &Path) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let file = d.join("cgroup.procs");
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["llm", "8080", "a.b-c_d", &"x".repeat(MAX_NAME_LEN)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a\0b", "tab\t", &"x".repeat(MAX_NAME_LEN + 1)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn slice_paths() {
+        let Some(root) = detect_root().ok() else {
+            eprintln!("no cgroup2 mount here; slice path checks need one to build a Slice");
+            return;
+        };
+        assert_eq!(Slice::new(&root, "rbee.slice").unwrap().level(), 1);
+        let nested = Slice::new(&root, "some/parent/rbee.slice").unwrap();
+        assert_eq!(nested.level(), 3);
+        assert_eq!(nested.dir(), root.join("some/parent/rbee.slice"));
+        for bad in ["", "/abs", "../up", "a/../b", "a/./b", "a//b", "a/", "."] {
+            assert!(Slice::new(&root, bad).is_err(), "{bad:?}");
+        }
+        assert!(Slice::new("/proc", "rbee.slice").is_err());
+    }
+}

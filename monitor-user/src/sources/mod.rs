@@ -1,0 +1,3 @@
+//! Readers of kernel files. Each returns typed readings, never heartbeat JSON.
+pub mod cgroup;
+pub mod procfs;

@@ -1,0 +1,53 @@
+//! Per-process facts from `/proc`.
+use crate::error::{Error, Result};
+
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field 22).
+pub fn start_ticks(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    parse_start_ticks(&text).ok_or_else(|| {
+        Error::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable stat line"))
+    })
+}
+
+/// Field 22 of a stat line. The command name (field 2) may hold spaces and parentheses,
+/// so fields are counted from the last `)`.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn clock_ticks_per_s() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as u64,
+        _ => 100,
+    }
+}
+
+/// Seconds since boot, the clock process start times count in.
+pub fn boottime_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_survives_odd_comm() {
+        let line = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_ticks(line), Some(987654));
+        assert_eq!(parse_start_ticks("1 (x) S 0"), None);
+        assert_eq!(parse_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn own_start_time_is_in_the_past() {
+        let started = start_ticks(std::process::id()).unwrap() as f64 / clock_ticks_per_s() as f64;
+        assert!(started <= boottime_s() + 0.01, "{started} vs {}", boottime_s());
+    }
+}
