@@ -1,1 +1,208 @@
+//! Helpers for the privileged integration tests: test cgroups that clean up after
+//! themselves, workloads started inside them, and the kernel's own figures to compare with.
+use std::{
+    ffi::CString,
+    io,
+    os::unix::{fs::MetadataExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
 
+/// Set by `.ci/run`: a test that cannot load BPF fails instead of skipping.
+pub const REQUIRE_BPF: &str = "HIVE_MONITOR_REQUIRE_BPF";
+
+/// Whether this process may load BPF programs here. When it may not, the test is skipped
+/// loudly, or fails when `HIVE_MONITOR_REQUIRE_BPF=1`.
+pub fn bpf_available(test: &str) -> bool {
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root")
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("no kernel BTF at /sys/kernel/btf/vmlinux")
+    } else if monitor_user::sources::cgroup::detect_root().is_err() {
+        Some("no cgroup2 mount")
+    } else {
+        None
+    };
+    let Some(reason) = reason else { return true };
+    if std::env::var(REQUIRE_BPF).is_ok_and(|v| v == "1") {
+        panic!("{test}: needs BPF but {reason}, and {REQUIRE_BPF}=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: needs BPF but {reason} (set {REQUIRE_BPF}=1 to make this a failure)");
+    false
+}
+
+/// This process's cgroup in the v2 hierarchy, relative to the cgroup2 root.
+pub fn own_v2_cgroup() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).expect("no v2 entry in /proc/self/cgroup");
+    PathBuf::from(rel.trim_start_matches('/'))
+}
+
+/// A cgroup directory tree this test created beneath its own cgroup. Dropping it (also while
+/// a failing test unwinds) kills what runs inside and removes every directory it holds.
+pub struct TestCgroup {
+    pub root: PathBuf,
+    /// `dir` relative to the cgroup2 root.
+    pub rel: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let root = monitor_user::sources::cgroup::detect_root().expect("cgroup2 root");
+        let rel = own_v2_cgroup().join(format!("hm-test-{}-{name}", std::process::id()));
+        let dir = root.join(&rel);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self { root, rel, dir }
+    }
+
+    /// Creates `path` (relative to this test cgroup) with its parents.
+    pub fn mkdir(&self, path: &str) -> PathBuf {
+        let dir = self.dir.join(path);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        dir
+    }
+
+    /// Path of a child relative to the cgroup2 root, as `--slice` takes it.
+    pub fn rel(&self, path: &str) -> String {
+        self.rel.join(path).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while populated(&self.dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        remove_tree(&self.dir);
+    }
+}
+
+fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            eprintln!("could not remove test cgroup {}: {e}", dir.display());
+        }
+    }
+}
+
+/// A process started inside a cgroup; killed and reaped when dropped.
+pub struct Workload {
+    pub child: Child,
+}
+
+impl Workload {
+    /// Runs `exe ARGS…` with its first instruction already inside `cgroup`.
+    pub fn start(exe: &str, cgroup: &Path, args: &[&str]) -> Self {
+        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if ok { Ok(()) } else { Err(io::Error::last_os_error()) }
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {}: {e}", cgroup.display()));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The kernel's CPU time for a cgroup and all below it: `cpu.stat` `usage_usec`, in ns.
+pub fn cpu_stat_ns(cgroup: &Path) -> u64 {
+    let text = std::fs::read_to_string(cgroup.join("cpu.stat")).expect("read cpu.stat");
+    let usec: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("usage_usec in cpu.stat");
+    usec * 1000
+}
+
+pub fn cgroup_id(cgroup: &Path) -> u64 {
+    std::fs::metadata(cgroup).expect("stat cgroup").ino()
+}
+
+/// Freezes a cgroup tree and waits until the kernel has charged all its CPU time, so
+/// `cpu.stat` is exact. Returns CLOCK_MONOTONIC ns when the freezer reported the tree frozen.
+///
+/// "frozen 1" is reported when each task enters the freezer, just before it schedules out:
+/// its last slice of CPU time is charged a moment later, so the charge is waited for too.
+pub fn freeze(cgroup: &Path) -> u64 {
+    std::fs::write(cgroup.join("cgroup.freeze"), "1").expect("write cgroup.freeze");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = std::fs::read_to_string(cgroup.join("cgroup.events")).expect("read cgroup.events");
+        if events.lines().any(|l| l == "frozen 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} did not freeze within 5 s", cgroup.display());
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let frozen_at = monitor_user::probes::monotonic_ns();
+    let mut last = cpu_stat_ns(cgroup);
+    loop {
+        std::thread::sleep(Duration::from_millis(1));
+        let now = cpu_stat_ns(cgroup);
+        if now == last {
+            return frozen_at;
+        }
+        assert!(Instant::now() < deadline, "{} still charged CPU time 5 s after freezing", cgroup.display());
+        last = now;
+    }
+}
+
+pub fn thaw(cgroup: &Path) {
+    std::fs::write(cgroup.join("cgroup.freeze"), "0").expect("write cgroup.freeze");
+}
+
+/// Per-thread kernel scheduler figures of a process, summed over its threads:
+/// (`/proc/<pid>/task/*/schedstat` run_delay ns, voluntary, involuntary switches).
+pub fn sched_figures(pid: u32) -> (u64, u64, u64) {
+    let mut totals = (0, 0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read task dir").flatten() {
+        let p = task.path();
+        let Ok(schedstat) = std::fs::read_to_string(p.join("schedstat")) else { continue };
+        let Ok(status) = std::fs::read_to_string(p.join("status")) else { continue };
+        totals.0 += schedstat.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+        };
+        totals.1 += field("voluntary_ctxt_switches:");
+        totals.2 += field("nonvoluntary_ctxt_switches:");
+    }
+    totals
+}

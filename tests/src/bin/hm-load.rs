@@ -1,1 +1,83 @@
-fn main(){}
+//! Workloads with known shapes for the integration tests. Each runs for `secs` seconds.
+//!
+//!   hm-load busy THREADS SECS        THREADS threads spinning
+//!   hm-load duty PCT PERIOD_MS SECS  one thread busy PCT % of every period, asleep the rest
+//!   hm-load burst SECS               irregular busy bursts (5..200 ms) and pauses (5..300 ms)
+//!   hm-load forker SECS              forks short-lived children that spin ~3 ms and exit
+//!   hm-load sleep SECS               idle
+use std::time::{Duration, Instant};
+
+fn spin_for(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+fn arg(args: &[String], i: usize) -> u64 {
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| usage())
+}
+
+fn usage() -> ! {
+    eprintln!("usage: hm-load busy THREADS SECS | duty PCT PERIOD_MS SECS | burst SECS | forker SECS | sleep SECS");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().map(String::as_str).unwrap_or_else(|| usage());
+    match mode {
+        "busy" => {
+            let (threads, secs) = (arg(&args, 1), arg(&args, 2));
+            let handles: Vec<_> = (0..threads)
+                .map(|_| std::thread::spawn(move || spin_for(Duration::from_secs(secs))))
+                .collect();
+            handles.into_iter().for_each(|h| h.join().unwrap());
+        }
+        "duty" => {
+            let (pct, period, secs) = (arg(&args, 1), arg(&args, 2), arg(&args, 3));
+            let period = Duration::from_millis(period);
+            let busy = period * pct as u32 / 100;
+            let end = Instant::now() + Duration::from_secs(secs);
+            let mut next = Instant::now();
+            while next < end {
+                spin_for(busy);
+                next += period;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        }
+        "burst" => {
+            let end = Instant::now() + Duration::from_secs(arg(&args, 1));
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut rand = |lo: u64, hi: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                lo + x % (hi - lo)
+            };
+            while Instant::now() < end {
+                spin_for(Duration::from_millis(rand(5, 200)));
+                std::thread::sleep(Duration::from_millis(rand(5, 300)));
+            }
+        }
+        "forker" => {
+            let end = Instant::now() + Duration::from_secs(arg(&args, 1));
+            while Instant::now() < end {
+                // SAFETY: the child only spins and exits.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        spin_for(Duration::from_millis(3));
+                        unsafe { libc::_exit(0) };
+                    }
+                    pid if pid > 0 => unsafe {
+                        libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    },
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        "sleep" => std::thread::sleep(Duration::from_secs(arg(&args, 1))),
+        _ => usage(),
+    }
+}
