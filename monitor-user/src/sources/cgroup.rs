@@ -1,7 +1,7 @@
 //! The cgroup2 tree: where it is mounted, the watched slice, and the workers in it.
 use std::{
     os::unix::fs::MetadataExt,
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
 };
 
 use monitor_common::SliceFilter;
@@ -69,14 +69,11 @@ impl Slice {
         if !is_cgroup2(&root) {
             return Err(Error::NotCgroup2 { path: root });
         }
-        let rel_path = PathBuf::from(rel);
-        let parts: Vec<_> = rel_path.components().collect();
-        let clean = !parts.is_empty()
-            && parts.iter().all(|c| matches!(c, Component::Normal(n) if n.to_str().is_some_and(valid_name)));
-        if !clean || rel.ends_with('/') || rel.contains("//") {
+        let parts: Vec<&str> = rel.split('/').collect();
+        if !parts.iter().all(|p| valid_name(p)) {
             return Err(Error::BadSlice(rel.to_string()));
         }
-        Ok(Self { level: parts.len() as u32, root, rel: rel_path })
+        Ok(Self { level: parts.len() as u32, root, rel: PathBuf::from(rel) })
     }
 
     pub fn root(&self) -> &Path {
