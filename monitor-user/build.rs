@@ -10,16 +10,10 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("monitor-user has no parent directory")?
         .join("monitor-ebpf");
-    let root = root
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     println!("cargo:rerun-if-changed=../monitor-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "monitor-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "monitor-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::Custom("bpf-debian"),
     )
     .context("building the eBPF program failed; has `scripts/setup` run? (`cargo xtask build` runs it)")

@@ -11,8 +11,7 @@ use monitor_common::{
 
 /// Worker cgroup id → counters. Per CPU, so a worker busy on many cores never contends.
 #[map]
-pub static WORKERS: PerCpuHashMap<u64, WorkerCounters> =
-    PerCpuHashMap::with_max_entries(MAX_WORKERS, 0);
+pub static WORKERS: PerCpuHashMap<u64, WorkerCounters> = PerCpuHashMap::with_max_entries(MAX_WORKERS, 0);
 
 /// CPU → the task it runs now. Written by its own CPU at every switch, and by another CPU
 /// only when that one charges this CPU's task remotely.
@@ -56,7 +55,10 @@ pub fn counters<C: aya_ebpf::EbpfContext>(ctx: &C, worker: u64) -> Option<&'stat
         None => {
             if let Some(s) = stats() {
                 if s.workers_full == 0 {
-                    warn!(ctx, "WORKERS map full ({} entries): worker cgroup {} not counted", MAX_WORKERS, worker);
+                    warn!(
+                        ctx,
+                        "WORKERS map full ({} entries): worker cgroup {} not counted", MAX_WORKERS, worker
+                    );
                 }
                 s.workers_full += 1;
             }

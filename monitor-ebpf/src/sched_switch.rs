@@ -26,11 +26,7 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     let running = unsafe { &mut *running };
 
     // `prev` is normally the task this CPU switched to last time: reuse its classification.
-    let prev_worker = if running.task == prev {
-        running.worker
-    } else {
-        worker_of(prev, slice).unwrap_or(0)
-    };
+    let prev_worker = if running.task == prev { running.worker } else { worker_of(prev, slice).unwrap_or(0) };
     if prev_worker != 0 {
         if let Some(tid) = task_tid(prev) {
             // Same rule as the kernel's nvcsw/nivcsw in __schedule().
@@ -63,12 +59,6 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
             }
         }
     }
-    *running = RunningTask {
-        task: next,
-        worker: next_worker,
-        since_ns: now,
-        tid: next_tid,
-        _pad: 0,
-    };
+    *running = RunningTask { task: next, worker: next_worker, since_ns: now, tid: next_tid, _pad: 0 };
     0
 }

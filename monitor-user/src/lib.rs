@@ -1,6 +1,7 @@
 //! hive-monitor's loader and daemon. Data flows one way:
 //! `probes` (kernel) and `sources` (files) → `sampler` (merge, rates) → `heartbeat` (model)
 //! → `sinks` (output).
+pub mod cli;
 pub mod error;
 pub mod heartbeat;
 pub mod probes;

@@ -129,7 +129,14 @@ impl Sampler {
         self.mains.retain(|id, _| seen.contains(id));
         self.prev = KernelReading { at_ns: reading.at_ns, workers: current, stats: reading.stats };
         self.seq += 1;
-        Ok(Sample { seq: self.seq, wall, at_ns: reading.at_ns, interval_ns, workers, probe_stats: reading.stats })
+        Ok(Sample {
+            seq: self.seq,
+            wall,
+            at_ns: reading.at_ns,
+            interval_ns,
+            workers,
+            probe_stats: reading.stats,
+        })
     }
 
     /// Drops the kernel counters of workers whose cgroup is gone. An id counts as gone when
@@ -157,7 +164,9 @@ impl Sampler {
         }
         let main = procs
             .iter()
-            .filter_map(|&pid| procfs::start_ticks(pid).ok().map(|start_ticks| MainProcess { pid, start_ticks }))
+            .filter_map(|&pid| {
+                procfs::start_ticks(pid).ok().map(|start_ticks| MainProcess { pid, start_ticks })
+            })
             .min_by_key(|m| (m.start_ticks, m.pid))?;
         self.mains.insert(worker, main);
         Some(main)

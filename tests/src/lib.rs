@@ -122,10 +122,15 @@ impl Workload {
                 }
                 let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
                 libc::close(fd);
-                if ok { Ok(()) } else { Err(io::Error::last_os_error()) }
+                if ok {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
             });
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {}: {e}", cgroup.display()));
+        let child =
+            cmd.spawn().unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {}: {e}", cgroup.display()));
         Self { child }
     }
 
@@ -199,7 +204,11 @@ pub fn sched_figures(pid: u32) -> (u64, u64, u64) {
         let Ok(status) = std::fs::read_to_string(p.join("status")) else { continue };
         totals.0 += schedstat.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
         };
         totals.1 += field("voluntary_ctxt_switches:");
         totals.2 += field("nonvoluntary_ctxt_switches:");

@@ -76,7 +76,10 @@ fn accuracy(name: &str, loads: &[&[&str]], expect: impl Fn(f64) -> bool) {
         let error = ours - kernel;
         eprintln!("{name} interval {i}: monitor {ours:8.3} %  cpu.stat {kernel:8.3} %  error {error:+.4} pp");
         assert!(error.abs() <= TOLERANCE_PP, "{name} interval {i}: monitor {ours} % vs cpu.stat {kernel} %");
-        assert!(expect(kernel), "{name} interval {i}: the load used {kernel} %, not the shape this case needs");
+        assert!(
+            expect(kernel),
+            "{name} interval {i}: the load used {kernel} %, not the shape this case needs"
+        );
         worst = worst.max(error.abs());
         prev = kernel_ns;
     }
@@ -145,12 +148,17 @@ fn in_flight_time_is_counted() {
         );
         // What the monitor lacks beyond what ran after its reading.
         let missed = kernel_ns as i64 - ours as i64 - after_reading;
-        assert!(missed <= 1_000_000, "round {i}: monitor lags cpu.stat by {missed} ns beyond the {after_reading} ns after its reading");
+        assert!(
+            missed <= 1_000_000,
+            "round {i}: monitor lags cpu.stat by {missed} ns beyond the {after_reading} ns after its reading"
+        );
         missed_sum += missed;
         worst = worst.max(missed);
     }
     let mean = missed_sum / rounds as i64;
-    eprintln!("in_flight: lag beyond post-reading run time: mean {mean} ns, worst {worst} ns over {rounds} rounds");
+    eprintln!(
+        "in_flight: lag beyond post-reading run time: mean {mean} ns, worst {worst} ns over {rounds} rounds"
+    );
     // Uncharged time at a random moment averages half a tick (2 ms at HZ=250).
     assert!(mean < 500_000, "mean lag {mean} ns: in-flight time is not being counted");
 }
@@ -181,7 +189,10 @@ fn outside_the_slice_is_not_counted() {
         assert!(!reading.workers.contains_key(&cgroup_id(dir)), "{} was counted: {reading:?}", dir.display());
     }
     let counted: Vec<_> = reading.workers.keys().collect();
-    assert!(counted.iter().all(|&&id| id == cgroup_id(&worker_dir)), "only the worker may be counted: {counted:?}");
+    assert!(
+        counted.iter().all(|&&id| id == cgroup_id(&worker_dir)),
+        "only the worker may be counted: {counted:?}"
+    );
 
     let mut sampler = Sampler::new(probes, slice).expect("sampler");
     let sample = sampler.sample().expect("sample");
@@ -201,7 +212,10 @@ fn runq_wait_and_switches_match_the_kernel() {
         return;
     }
     let Setup { cg: _cg, worker: dir, mut sampler } = setup("runq");
-    let loads = [Workload::start(HM_LOAD, &dir, &["busy", "3", "60"]), Workload::start(HM_LOAD, &dir, &["duty", "25", "10", "60"])];
+    let loads = [
+        Workload::start(HM_LOAD, &dir, &["busy", "3", "60"]),
+        Workload::start(HM_LOAD, &dir, &["duty", "25", "10", "60"]),
+    ];
     std::thread::sleep(Duration::from_millis(300));
     let kernel = || {
         loads.iter().map(|l| sched_figures(l.pid())).fold((0, 0, 0), |a, f| (a.0 + f.0, a.1 + f.1, a.2 + f.2))
@@ -223,8 +237,10 @@ fn runq_wait_and_switches_match_the_kernel() {
         last.involuntary_switches - first.involuntary_switches,
     );
     let theirs = (k1.0 - k0.0, k1.1 - k0.1, k1.2 - k0.2);
-    eprintln!("runq: monitor wait {} ns, vol {}, invol {}; kernel wait {} ns, vol {}, invol {}",
-        ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2);
+    eprintln!(
+        "runq: monitor wait {} ns, vol {}, invol {}; kernel wait {} ns, vol {}, invol {}",
+        ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2
+    );
     let close = |a: u64, b: u64, rel: f64, abs: u64| a.abs_diff(b) as f64 <= (b as f64 * rel).max(abs as f64);
     assert!(theirs.0 > 100_000_000, "the load did not queue: {theirs:?}");
     assert!(close(ours.0, theirs.0, 0.02, 1_000_000), "run-queue wait {} vs run_delay {}", ours.0, theirs.0);

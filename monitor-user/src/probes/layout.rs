@@ -14,7 +14,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout> {
     let wakeup_new = TracepointArgs::resolve(btf, "sched_wakeup_new")?;
     let wakeup_task = wakeup.nth(ArgKind::TaskPtr, 0)?;
     if wakeup_new.nth(ArgKind::TaskPtr, 0)? != wakeup_task {
-        return Err(Error::Btf("sched_wakeup and sched_wakeup_new take the task at different positions".into()));
+        return Err(Error::Btf(
+            "sched_wakeup and sched_wakeup_new take the task at different positions".into(),
+        ));
     }
     let task_cpu = offset(btf, "task_struct", &["thread_info", "cpu"])
         .or_else(|_| offset(btf, "task_struct", &["cpu"]))?;
@@ -155,14 +157,13 @@ impl TracepointArgs {
 
     /// Position of the `n`th argument of `kind`.
     fn nth(&self, kind: ArgKind, n: usize) -> Result<u32> {
-        self.kinds
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k == kind)
-            .nth(n)
-            .map(|(i, _)| i as u32)
-            .ok_or_else(|| {
-                Error::Btf(format!("tracepoint {} has no argument #{n} of kind {kind:?} (has {:?})", self.name, self.kinds))
-            })
+        self.kinds.iter().enumerate().filter(|(_, k)| **k == kind).nth(n).map(|(i, _)| i as u32).ok_or_else(
+            || {
+                Error::Btf(format!(
+                    "tracepoint {} has no argument #{n} of kind {kind:?} (has {:?})",
+                    self.name, self.kinds
+                ))
+            },
+        )
     }
 }

@@ -1,7 +1,7 @@
 //! Loading and attaching the eBPF program, and reading what it counts.
 mod layout;
 
-use std::collections::HashMap;
+use std::collections::{hash_map::Entry, HashMap};
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
@@ -48,10 +48,8 @@ impl Probes {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the program.
     pub fn load() -> Result<Self> {
         check_capabilities()?;
-        let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF).map_err(|e| Error::NoBtf {
-            path: layout::VMLINUX_BTF.into(),
-            reason: e.to_string(),
-        })?;
+        let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF)
+            .map_err(|e| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason: e.to_string() })?;
         let kernel_layout = layout::resolve(&btf)?;
         log::debug!("kernel layout: {kernel_layout:?}");
         let cpus = aya::util::nr_cpus().map_err(|(path, e)| Error::io(path, e))? as u32;
@@ -134,13 +132,12 @@ impl Probes {
             result.clear();
             let before = self.running_workers()?;
             for r in &before {
-                if !result.contains_key(&r.worker) {
-                    let c = match self.workers.get(&r.worker, 0) {
+                if let Entry::Vacant(slot) = result.entry(r.worker) {
+                    slot.insert(match self.workers.get(&r.worker, 0) {
                         Ok(per_cpu) => sum(per_cpu.iter()),
                         Err(aya::maps::MapError::KeyNotFound) => WorkerCounters::default(),
                         Err(source) => return Err(Error::Map { map: "WORKERS", source }),
-                    };
-                    result.insert(r.worker, c);
+                    });
                 }
             }
             now = monotonic_ns();
@@ -201,8 +198,8 @@ fn check_capabilities() -> Result<()> {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| Error::io("/proc/self/status", e))?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|e| Error::io("/proc/self/status", e))?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -105,7 +105,13 @@ impl Slice {
             for (instance, instance_dir) in subdirs(&group_dir)? {
                 let Ok(meta) = std::fs::metadata(&instance_dir) else { continue }; // just removed
                 let path = format!("/{}/{group}/{instance}", self.rel.display());
-                out.push(WorkerCgroup { id: meta.ino(), group: group.clone(), instance, dir: instance_dir, path });
+                out.push(WorkerCgroup {
+                    id: meta.ino(),
+                    group: group.clone(),
+                    instance,
+                    dir: instance_dir,
+                    path,
+                });
             }
         }
         out.sort_by(|a, b| (&a.group, &a.instance).cmp(&(&b.group, &b.instance)));
@@ -143,7 +149,9 @@ pub fn procs(dir: &Path) -> Result<Vec<u32>> {
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         if let Ok(entries) = std::fs::read_dir(&d) {
-            stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            stack.extend(
+                entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()),
+            );
         }
     }
     Ok(out)

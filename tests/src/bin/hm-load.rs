@@ -19,7 +19,9 @@ fn arg(args: &[String], i: usize) -> u64 {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: hm-load busy THREADS SECS | duty PCT PERIOD_MS SECS | burst SECS | forker SECS | sleep SECS");
+    eprintln!(
+        "usage: hm-load busy THREADS SECS | duty PCT PERIOD_MS SECS | burst SECS | forker SECS | sleep SECS"
+    );
     std::process::exit(2)
 }
 

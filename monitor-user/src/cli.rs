@@ -1,0 +1,133 @@
+//! The `hive-monitor` command line: subcommands wire probes, sources, sampler and sinks
+//! together, nothing more.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    error::Error,
+    heartbeat::{Heartbeat, HiveIdentity},
+    probes::{monotonic_ns, Probes},
+    sampler::Sampler,
+    sinks::stdout::Stdout,
+    sources::cgroup::{self, Slice},
+};
+
+/// Port the hive advertises in its heartbeat (the reference's default).
+const DEFAULT_PORT: u16 = 7835;
+
+#[derive(Parser)]
+#[command(name = "hive-monitor", version, about = "eBPF monitor of inference workers in a cgroup slice")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample the workers every interval and print one heartbeat JSON line each time.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct CgroupArgs {
+    /// The slice's path below the cgroup2 root; may be nested (`a/b/rbee.slice`).
+    #[arg(long, default_value = "rbee.slice")]
+    slice: String,
+    /// The cgroup2 mount [default: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones].
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+    /// Time between heartbeats: `1s`, `500ms`, … (10ms to 1h).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    interval: Duration,
+    /// Exit 0 after this many heartbeats.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Identity of this host in heartbeats [default: the host name].
+    #[arg(long)]
+    hive_id: Option<String>,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (examples: 1s, 500ms)"))?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("`{s}` is outside 10ms..1h"));
+    }
+    Ok(d)
+}
+
+/// Parses the command line, runs the subcommand, and says why it failed if it did.
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), Error> {
+    let root = match args.cgroup.cgroup_root {
+        Some(root) => root,
+        None => cgroup::detect_root()?,
+    };
+    let slice = Slice::new(root, &args.cgroup.slice)?;
+    let hostname = hostname();
+    let identity =
+        HiveIdentity { id: args.hive_id.unwrap_or_else(|| hostname.clone()), hostname, port: DEFAULT_PORT };
+
+    let probes = Probes::load()?;
+    let mut sampler = Sampler::new(probes, slice)?;
+    log::info!(
+        "probes attached; watching {} every {}",
+        sampler.slice().dir().display(),
+        humantime::format_duration(args.interval)
+    );
+    let mut sink = Stdout::new();
+    let interval_ns = args.interval.as_nanos() as u64;
+    let started = monotonic_ns();
+    let mut deadline = started;
+    let mut sent = 0u64;
+    while args.count.is_none_or(|n| sent < n) {
+        // Fixed deadlines, so the cadence does not drift; a missed one is skipped, not bunched.
+        let now = monotonic_ns();
+        deadline += interval_ns;
+        if deadline < now {
+            deadline += (now - deadline).div_ceil(interval_ns) * interval_ns;
+        }
+        std::thread::sleep(Duration::from_nanos(deadline - now));
+        let sample = sampler.sample()?;
+        let heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
+        if let Err(e) = sink.send(&heartbeat) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(Error::io("standard output", e));
+        }
+        sent += 1;
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; the result is NUL-terminated on success.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
