@@ -47,16 +47,18 @@ pub struct RunningTask {
 }
 
 /// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
-/// appears (or re-appears with a new id) without reloading the program.
+/// appears (or re-appears with a new id) without reloading the program. Its depth is fixed
+/// for the program's life and is a load-time constant (`KernelLayout::slice_level`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SliceFilter {
     /// v2 cgroup id (inode number) of the slice directory; 0 = no slice yet, count nothing.
     pub id: u64,
-    /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1). Workers are two deeper.
-    pub level: u32,
-    pub _pad: u32,
 }
+
+/// Cgroup levels below a worker whose tasks still count for it; a task deeper than this is
+/// not counted and `ProbeStats::too_deep` says so.
+pub const MAX_NESTING: u32 = 16;
 
 /// Failures the probes count instead of losing silently.
 #[repr(C)]
@@ -66,13 +68,17 @@ pub struct ProbeStats {
     pub workers_full: u64,
     /// Run-queue waits not measured because `QUEUED` was full.
     pub queued_full: u64,
-    /// Kernel memory reads that failed (a task or cgroup torn down under us).
+    /// Kernel pointers found NULL where a task or cgroup should be (torn down under us).
     pub read_errors: u64,
+    /// Events of tasks nested more than `MAX_NESTING` cgroup levels below their worker.
+    pub too_deep: u64,
 }
 
-/// Byte offsets of the kernel struct fields the probes read, and the positions of the raw
-/// tracepoint arguments they use. Rust eBPF gets no CO-RE relocations, so the loader resolves
-/// these from the running kernel's BTF and hands them in as a read-only global.
+/// Byte offsets of the kernel struct fields the probes read, the positions of the tracepoint
+/// arguments they use, and the slice's depth. Rust eBPF gets no CO-RE relocations, so the
+/// loader resolves these from the running kernel's BTF and hands them in as a read-only
+/// global: the verifier then knows each as a constant, which lets the probes load kernel
+/// fields directly (BTF-typed pointers) instead of calling `bpf_probe_read_kernel`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
@@ -86,12 +92,12 @@ pub struct KernelLayout {
     pub css_set_dfl_cgrp: u32,
     /// `cgroup.level`
     pub cgroup_level: u32,
-    /// `cgroup.ancestors` (flexible array of `struct cgroup *`, indexed by level)
-    pub cgroup_ancestors: u32,
     /// `cgroup.kn` (`struct kernfs_node *`)
     pub cgroup_kn: u32,
     /// `kernfs_node.id`, the cgroup id
     pub kernfs_node_id: u32,
+    /// `kernfs_node.__parent` (`parent` before Linux 6.15)
+    pub kernfs_node_parent: u32,
     /// `sched_switch(bool preempt, task *prev, task *next, unsigned int prev_state)`
     pub switch_preempt: u32,
     pub switch_prev: u32,
@@ -102,7 +108,8 @@ pub struct KernelLayout {
     pub runtime_delta: u32,
     /// `sched_wakeup(task *p)` and `sched_wakeup_new(task *p)`
     pub wakeup_task: u32,
-    pub _pad: u32,
+    /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
+    pub slice_level: u32,
 }
 
 #[cfg(feature = "user")]

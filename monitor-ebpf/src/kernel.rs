@@ -1,10 +1,16 @@
 //! Reading the kernel structures the probes need, at offsets the loader resolved from BTF.
-use aya_ebpf::helpers::bpf_probe_read_kernel;
-use monitor_common::{KernelLayout, SliceFilter};
+//!
+//! The programs are `tp_btf`, so their task arguments are BTF-typed pointers and the verifier
+//! lets them load fields directly (a plain load with a fault handler, far cheaper than a
+//! `bpf_probe_read_kernel` call) as long as each offset is a known constant and matches a
+//! field of the right size. The offsets come from `LAYOUT`, a frozen read-only global, which
+//! the verifier treats as constants.
+use aya_ebpf::programs::BtfTracePointContext;
+use monitor_common::{KernelLayout, SliceFilter, MAX_NESTING};
 
 use crate::maps::stats;
 
-/// Filled in by the loader before the program is loaded (`EbpfLoader::set_global`).
+/// Filled in by the loader before the program is loaded (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
 pub(crate) static LAYOUT: KernelLayout = unsafe { core::mem::zeroed() };
 
@@ -16,67 +22,79 @@ macro_rules! layout {
 }
 pub(crate) use layout;
 
-/// Reads a `T` at `base + off` in kernel memory, counting failures.
+/// The field of type `T` at `base + off`. `base` must be a kernel pointer the verifier knows
+/// by BTF type (a tracepoint argument or a pointer loaded from one).
 #[inline(always)]
-pub fn read<T>(base: u64, off: u32) -> Option<T> {
-    match unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) } {
-        Ok(v) => Some(v),
-        Err(_) => {
-            if let Some(s) = stats() {
-                s.read_errors += 1;
-            }
-            None
-        }
-    }
+fn field<T: Copy>(base: u64, off: u32) -> T {
+    unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize).cast::<T>()) }
 }
 
-/// Raw tracepoint argument `n` (a position from `LAYOUT`). Context reads must use constant
-/// offsets, hence the match rather than indexing.
+/// A pointer field; `None` (and counted) when NULL, as for a task being torn down.
 #[inline(always)]
-pub fn arg(ctx: &aya_ebpf::programs::RawTracePointContext, n: u32) -> u64 {
+fn pointer(base: u64, off: u32) -> Option<u64> {
+    let p: u64 = field(base, off);
+    if p == 0 {
+        if let Some(s) = stats() {
+            s.read_errors += 1;
+        }
+        return None;
+    }
+    Some(p)
+}
+
+/// Tracepoint argument `n` (a position from `LAYOUT`). Context reads must use constant
+/// offsets, hence the match rather than indexing; the verifier prunes the other arms.
+#[inline(always)]
+pub fn arg(ctx: &BtfTracePointContext, n: u32) -> u64 {
     match n {
         0 => ctx.arg(0),
         1 => ctx.arg(1),
         2 => ctx.arg(2),
         3 => ctx.arg(3),
-        4 => ctx.arg(4),
         _ => 0,
     }
 }
 
 #[inline(always)]
-pub fn task_tid(task: u64) -> Option<u32> {
-    read::<i32>(task, layout!(task_pid)).map(|pid| pid as u32)
+pub fn task_tid(task: u64) -> u32 {
+    field::<i32>(task, layout!(task_pid)) as u32
 }
 
 #[inline(always)]
-pub fn task_cpu(task: u64) -> Option<u32> {
-    read::<u32>(task, layout!(task_cpu))
+pub fn task_cpu(task: u64) -> u32 {
+    field(task, layout!(task_cpu))
 }
 
-#[inline(always)]
-fn cgroup_id(cgroup: u64) -> Option<u64> {
-    let kn: u64 = read(cgroup, layout!(cgroup_kn))?;
-    read(kn, layout!(kernfs_node_id))
-}
-
-/// The v2 cgroup id of the worker `task` belongs to: its cgroup's ancestor two levels below
-/// the slice. `None` for tasks outside the slice's workers, which leave after three reads
-/// when they sit higher in the tree than a worker could.
+/// The v2 cgroup id of the worker `task` belongs to: the cgroup two levels below the slice
+/// on its cgroup's path, found by walking the cgroup directories (kernfs nodes) upwards.
+/// `None` for tasks outside the slice's workers; those sitting higher in the tree than a
+/// worker could leave after three loads.
 #[inline(always)]
 pub fn worker_of(task: u64, slice: &SliceFilter) -> Option<u64> {
-    let css_set: u64 = read(task, layout!(task_cgroups))?;
-    let cgroup: u64 = read(css_set, layout!(css_set_dfl_cgrp))?;
-    let level: i32 = read(cgroup, layout!(cgroup_level))?;
-    let worker_level = slice.level + 2;
-    if level < worker_level as i32 {
+    let css_set = pointer(task, layout!(task_cgroups))?;
+    let cgroup = pointer(css_set, layout!(css_set_dfl_cgrp))?;
+    let level: i32 = field(cgroup, layout!(cgroup_level));
+    let below_worker = level - (layout!(slice_level) as i32 + 2);
+    if below_worker < 0 {
         return None;
     }
-    let ancestors = layout!(cgroup_ancestors);
-    let in_slice: u64 = read(cgroup, ancestors + slice.level * 8)?;
-    if cgroup_id(in_slice)? != slice.id {
+    if below_worker > MAX_NESTING as i32 {
+        if let Some(s) = stats() {
+            s.too_deep += 1;
+        }
         return None;
     }
-    let worker: u64 = read(cgroup, ancestors + worker_level * 8)?;
-    cgroup_id(worker)
+    let parent = layout!(kernfs_node_parent);
+    let mut worker = pointer(cgroup, layout!(cgroup_kn))?;
+    for i in 0..MAX_NESTING as i32 {
+        if i >= below_worker {
+            break;
+        }
+        worker = pointer(worker, parent)?;
+    }
+    let slice_node = pointer(pointer(worker, parent)?, parent)?;
+    if field::<u64>(slice_node, layout!(kernfs_node_id)) != slice.id {
+        return None;
+    }
+    Some(field(worker, layout!(kernfs_node_id)))
 }

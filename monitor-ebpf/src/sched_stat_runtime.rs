@@ -3,8 +3,8 @@
 //! which is not always the CPU's current task (remote charging from another CPU's rq lock).
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 
 use crate::{
@@ -12,8 +12,8 @@ use crate::{
     maps::{counters, slice, RUNNING},
 };
 
-#[raw_tracepoint(tracepoint = "sched_stat_runtime")]
-pub fn sched_stat_runtime(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sched_stat_runtime")]
+pub fn sched_stat_runtime(ctx: BtfTracePointContext) -> i32 {
     let Some(slice) = slice() else { return 0 };
     let task = arg(&ctx, layout!(runtime_task));
     let delta = arg(&ctx, layout!(runtime_delta));
@@ -31,10 +31,8 @@ pub fn sched_stat_runtime(ctx: RawTracePointContext) -> i32 {
         c.cpu_ns += delta;
     }
     // Everything up to now is charged: the in-flight time the loader adds restarts here.
-    let running = local.or_else(|| {
-        let cpu = task_cpu(task)?;
-        RUNNING.get_ptr_mut(cpu).filter(|r| unsafe { (**r).task } == task)
-    });
+    let running =
+        local.or_else(|| RUNNING.get_ptr_mut(task_cpu(task)).filter(|r| unsafe { (**r).task } == task));
     if let Some(r) = running {
         unsafe { (*r).since_ns = bpf_ktime_get_ns() };
     }

@@ -2,8 +2,8 @@
 //! for a task switched out while still runnable, and the CPU's `RUNNING` entry.
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use monitor_common::RunningTask;
 
@@ -12,8 +12,8 @@ use crate::{
     maps::{counters, mark_queued, slice, QUEUED, RUNNING},
 };
 
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let Some(slice) = slice() else { return 0 };
     let preempt = arg(&ctx, layout!(switch_preempt)) as u8 != 0;
     let prev = arg(&ctx, layout!(switch_prev));
@@ -28,29 +28,28 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     // `prev` is normally the task this CPU switched to last time: reuse its classification.
     let prev_worker = if running.task == prev { running.worker } else { worker_of(prev, slice).unwrap_or(0) };
     if prev_worker != 0 {
-        if let Some(tid) = task_tid(prev) {
-            // Same rule as the kernel's nvcsw/nivcsw in __schedule().
-            let blocked = !preempt && prev_state != 0;
-            if let Some(c) = counters(&ctx, prev_worker) {
-                if blocked {
-                    c.voluntary_switches += 1;
-                } else {
-                    c.involuntary_switches += 1;
-                }
-            }
+        let tid = task_tid(prev);
+        // Same rule as the kernel's nvcsw/nivcsw in __schedule().
+        let blocked = !preempt && prev_state != 0;
+        if let Some(c) = counters(&ctx, prev_worker) {
             if blocked {
-                // A wakeup seen while it was still running must not start a wait now.
-                let _ = QUEUED.remove(tid);
+                c.voluntary_switches += 1;
             } else {
-                mark_queued(tid, now, true);
+                c.involuntary_switches += 1;
             }
+        }
+        if blocked {
+            // A wakeup seen while it was still running must not start a wait now.
+            let _ = QUEUED.remove(tid);
+        } else {
+            mark_queued(tid, now, true);
         }
     }
 
     let next_worker = worker_of(next, slice).unwrap_or(0);
     let mut next_tid = 0;
     if next_worker != 0 {
-        next_tid = task_tid(next).unwrap_or(0);
+        next_tid = task_tid(next);
         if let Some(&since) = unsafe { QUEUED.get(next_tid) } {
             let _ = QUEUED.remove(next_tid);
             if let Some(c) = counters(&ctx, next_worker) {

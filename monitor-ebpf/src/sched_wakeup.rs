@@ -1,6 +1,6 @@
 //! `sched_wakeup` and `sched_wakeup_new`: a slice task became runnable; its run-queue wait
 //! starts. Attributed to the task woken, never to the waker (`current`).
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 
 use crate::{
     kernel::{arg, layout, task_tid, worker_of},
@@ -8,24 +8,22 @@ use crate::{
 };
 
 #[inline(always)]
-fn wakeup(ctx: &RawTracePointContext) -> i32 {
+fn wakeup(ctx: &BtfTracePointContext) -> i32 {
     let Some(slice) = slice() else { return 0 };
     let task = arg(ctx, layout!(wakeup_task));
     if worker_of(task, slice).is_none() {
         return 0;
     }
-    if let Some(tid) = task_tid(task) {
-        mark_queued(tid, unsafe { bpf_ktime_get_ns() }, false);
-    }
+    mark_queued(task_tid(task), unsafe { bpf_ktime_get_ns() }, false);
     0
 }
 
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
-pub fn sched_wakeup(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
     wakeup(&ctx)
 }
 
-#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
     wakeup(&ctx)
 }

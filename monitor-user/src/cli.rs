@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
-    probes::{monotonic_ns, Probes},
+    probes::monotonic_ns,
     sampler::Sampler,
     sinks::stdout::Stdout,
     sources::cgroup::{self, Slice},
@@ -89,8 +89,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let identity =
         HiveIdentity { id: args.hive_id.unwrap_or_else(|| hostname.clone()), hostname, port: DEFAULT_PORT };
 
-    let probes = Probes::load()?;
-    let mut sampler = Sampler::new(probes, slice)?;
+    let mut sampler = Sampler::new(slice)?;
     log::info!(
         "probes attached; watching {} every {}",
         sampler.slice().dir().display(),

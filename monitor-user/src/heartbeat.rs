@@ -96,6 +96,7 @@ pub struct ProbeHealth {
     pub workers_map_full: u64,
     pub queued_map_full: u64,
     pub read_errors: u64,
+    pub nested_too_deep: u64,
 }
 
 /// What the daemon says about itself in every heartbeat.
@@ -140,6 +141,7 @@ impl Heartbeat {
                     workers_map_full: sample.probe_stats.workers_full,
                     queued_map_full: sample.probe_stats.queued_full,
                     read_errors: sample.probe_stats.read_errors,
+                    nested_too_deep: sample.probe_stats.too_deep,
                 },
             },
         }

@@ -63,8 +63,9 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Points the probes at `slice` and takes the baseline reading the first rates start from.
-    pub fn new(mut probes: Probes, slice: Slice) -> Result<Self> {
+    /// Loads the probes for `slice` and takes the baseline reading the first rates start from.
+    pub fn new(slice: Slice) -> Result<Self> {
+        let mut probes = Probes::load(slice.level())?;
         let filter = slice.filter();
         probes.set_slice(filter)?;
         if filter.id == 0 {

@@ -35,7 +35,7 @@ fn setup(name: &str) -> Setup {
     let cg = TestCgroup::new(name);
     let worker = cg.mkdir("rbee.slice/llm/8080");
     let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
-    let sampler = Sampler::new(Probes::load().expect("load probes"), slice).expect("sampler");
+    let sampler = Sampler::new(slice).expect("sampler");
     Setup { cg, worker, sampler }
 }
 
@@ -175,7 +175,7 @@ fn outside_the_slice_is_not_counted() {
     let lookalike = cg.mkdir("other.slice/llm/8080");
     let group_level = cg.dir.join("rbee.slice/llm");
     let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
-    let mut probes = Probes::load().expect("load probes");
+    let mut probes = Probes::load(slice.level()).expect("load probes");
     probes.set_slice(slice.filter()).expect("set slice");
 
     let _idle = Workload::start(HM_LOAD, &worker_dir, &["sleep", "60"]);
@@ -194,7 +194,8 @@ fn outside_the_slice_is_not_counted() {
         "only the worker may be counted: {counted:?}"
     );
 
-    let mut sampler = Sampler::new(probes, slice).expect("sampler");
+    drop(probes);
+    let mut sampler = Sampler::new(slice).expect("sampler");
     let sample = sampler.sample().expect("sample");
     assert_eq!(sample.workers.len(), 1, "{sample:#?}");
     let w = &sample.workers[0];

@@ -115,7 +115,7 @@ fn workers_come_and_go_between_samples() {
     let cg = TestCgroup::new("churn");
     cg.mkdir("rbee.slice");
     let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
-    let mut sampler = Sampler::new(Probes::load().expect("load probes"), slice).expect("sampler");
+    let mut sampler = Sampler::new(slice).expect("sampler");
     assert!(sampler.sample().expect("sample").workers.is_empty());
 
     let dir = cg.mkdir("rbee.slice/llm/8080");

@@ -1,4 +1,4 @@
-//! Resolves `KernelLayout` from the running kernel's BTF: the struct field offsets and raw
+//! Resolves `KernelLayout` from the running kernel's BTF: the struct field offsets and
 //! tracepoint argument positions the probes use, so nothing kernel-specific is compiled in.
 use btf_rs::{Btf, Type};
 use monitor_common::KernelLayout;
@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-pub fn resolve(btf: &Btf) -> Result<KernelLayout> {
+pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let switch = TracepointArgs::resolve(btf, "sched_switch")?;
     let runtime = TracepointArgs::resolve(btf, "sched_stat_runtime")?;
     let wakeup = TracepointArgs::resolve(btf, "sched_wakeup")?;
@@ -26,9 +26,10 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout> {
         task_cpu,
         css_set_dfl_cgrp: offset(btf, "css_set", &["dfl_cgrp"])?,
         cgroup_level: offset(btf, "cgroup", &["level"])?,
-        cgroup_ancestors: offset(btf, "cgroup", &["ancestors"])?,
         cgroup_kn: offset(btf, "cgroup", &["kn"])?,
         kernfs_node_id: offset(btf, "kernfs_node", &["id"])?,
+        kernfs_node_parent: offset(btf, "kernfs_node", &["__parent"])
+            .or_else(|_| offset(btf, "kernfs_node", &["parent"]))?,
         switch_preempt: switch.nth(ArgKind::Bool, 0)?,
         switch_prev: switch.nth(ArgKind::TaskPtr, 0)?,
         switch_next: switch.nth(ArgKind::TaskPtr, 1)?,
@@ -36,7 +37,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelLayout> {
         runtime_task: runtime.nth(ArgKind::TaskPtr, 0)?,
         runtime_delta: runtime.nth(ArgKind::Int(8), 0)?,
         wakeup_task,
-        _pad: 0,
+        slice_level,
     })
 }
 

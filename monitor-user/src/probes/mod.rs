@@ -5,8 +5,8 @@ use std::collections::{hash_map::Entry, HashMap};
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
-    programs::RawTracePoint,
-    Ebpf, EbpfLoader,
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfLoader,
 };
 use monitor_common::{ProbeStats, RunningTask, SliceFilter, WorkerCounters};
 
@@ -15,13 +15,8 @@ use crate::error::{Error, Result};
 /// The object `build.rs` compiled from `monitor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-/// Programs and the raw tracepoints they attach to.
-const PROGRAMS: [(&str, &str); 4] = [
-    ("sched_stat_runtime", "sched_stat_runtime"),
-    ("sched_switch", "sched_switch"),
-    ("sched_wakeup", "sched_wakeup"),
-    ("sched_wakeup_new", "sched_wakeup_new"),
-];
+/// The programs, each attached (`tp_btf`) to the scheduler tracepoint of its name.
+const PROGRAMS: [&str; 4] = ["sched_stat_runtime", "sched_switch", "sched_wakeup", "sched_wakeup_new"];
 
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
@@ -45,12 +40,14 @@ pub struct KernelReading {
 }
 
 impl Probes {
-    /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the program.
-    pub fn load() -> Result<Self> {
+    /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the
+    /// programs for a slice `slice_level` deep below the cgroup2 root (fixed for their life).
+    pub fn load(slice_level: u32) -> Result<Self> {
         check_capabilities()?;
-        let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF)
-            .map_err(|e| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason: e.to_string() })?;
-        let kernel_layout = layout::resolve(&btf)?;
+        let no_btf = |reason: String| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason };
+        let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF).map_err(|e| no_btf(e.to_string()))?;
+        let kernel_layout = layout::resolve(&btf, slice_level)?;
+        let aya_btf = Btf::from_sys_fs().map_err(|e| no_btf(e.to_string()))?;
         log::debug!("kernel layout: {kernel_layout:?}");
         let cpus = aya::util::nr_cpus().map_err(|(path, e)| Error::io(path, e))? as u32;
 
@@ -66,14 +63,14 @@ impl Probes {
                 None
             }
         };
-        for (name, tracepoint) in PROGRAMS {
-            let program: &mut RawTracePoint = ebpf
+        for name in PROGRAMS {
+            let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| Error::Btf(format!("program {name} missing from the object")))?
                 .try_into()
                 .map_err(|source| Error::Program { program: name, source })?;
-            program.load().map_err(|source| Error::Program { program: name, source })?;
-            program.attach(tracepoint).map_err(|source| Error::Program { program: name, source })?;
+            program.load(name, &aya_btf).map_err(|source| Error::Program { program: name, source })?;
+            program.attach().map_err(|source| Error::Program { program: name, source })?;
         }
         Ok(Self {
             workers: take_map(&mut ebpf, "WORKERS")?,
@@ -117,6 +114,7 @@ impl Probes {
             workers_full: a.workers_full + s.workers_full,
             queued_full: a.queued_full + s.queued_full,
             read_errors: a.read_errors + s.read_errors,
+            too_deep: a.too_deep + s.too_deep,
         });
         Ok(KernelReading { at_ns, workers, stats })
     }

@@ -93,7 +93,7 @@ impl Slice {
     /// What the probes filter on; id 0 while the slice does not exist.
     pub fn filter(&self) -> SliceFilter {
         let id = std::fs::metadata(self.dir()).map(|m| m.ino()).unwrap_or(0);
-        SliceFilter { id, level: self.level, _pad: 0 }
+        SliceFilter { id }
     }
 
     /// The workers now in the slice. A missing slice has none; names that fail
