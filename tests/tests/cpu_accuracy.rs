@@ -51,12 +51,18 @@ fn worker<'a>(sample: &'a Sample, instance: &str) -> &'a WorkerSample {
 /// `cpu.stat` is exact) and compares each interval's `cpu_pct` with `cpu.stat`'s.
 /// `expect` checks that the load really had the shape the case is about.
 fn accuracy(name: &str, loads: &[&[&str]], expect: impl Fn(f64) -> bool) {
+    accuracy_in(name, "", loads, expect)
+}
+
+/// `accuracy`, with the loads started in cgroup `sub` below the worker's.
+fn accuracy_in(name: &str, sub: &str, loads: &[&[&str]], expect: impl Fn(f64) -> bool) {
     let _serial = serial();
     if !bpf_available(name) {
         return;
     }
-    let Setup { cg: _cg, worker: dir, mut sampler } = setup(name);
-    let _loads: Vec<_> = loads.iter().map(|args| Workload::start(HM_LOAD, &dir, args)).collect();
+    let Setup { cg, worker: dir, mut sampler } = setup(name);
+    let load_dir = cg.mkdir(&format!("rbee.slice/llm/8080/{sub}"));
+    let _loads: Vec<_> = loads.iter().map(|args| Workload::start(HM_LOAD, &load_dir, args)).collect();
     std::thread::sleep(Duration::from_millis(200));
 
     freeze(&dir);
@@ -110,6 +116,11 @@ fn bursty_load() {
 fn short_lived_children_count() {
     // The parent mostly waits: nearly all of this CPU time is children that exit.
     accuracy("forker", &[&["forker", "60"]], |pct| pct > 20.0);
+}
+
+#[test]
+fn nested_cgroups_count_for_their_worker() {
+    accuracy_in("nested", "engine/shard-0", &[&["busy", "1", "60"]], |pct| pct > 80.0);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::{
 };
 
 use hive_monitor_tests::*;
-use monitor_user::{probes::Probes, sampler::Sampler, sources::cgroup::Slice};
+use monitor_user::{sampler::Sampler, sources::cgroup::Slice};
 use serde_json::Value;
 
 const HM_LOAD: &str = env!("CARGO_BIN_EXE_hm-load");
