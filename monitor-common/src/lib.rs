@@ -10,9 +10,6 @@ pub const MAX_WORKERS: u32 = 4096;
 /// wait not measured and `ProbeStats::queued_full` says so.
 pub const MAX_QUEUED_TASKS: u32 = 32768;
 
-/// Size the `RUNNING` array is declared with; the loader shrinks it to the possible CPUs.
-pub const MAX_CPUS: u32 = 4096;
-
 /// Cumulative counters of one worker, kept per CPU by the kernel and summed by the loader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -27,23 +24,22 @@ pub struct WorkerCounters {
     pub voluntary_switches: u64,
     /// Switches where the task was preempted or yielded while runnable.
     pub involuntary_switches: u64,
+    /// Per CPU only: while a task of the worker is on this CPU, `bpf_ktime_get_ns()`
+    /// (CLOCK_MONOTONIC) when the kernel last charged it or switched it in, else 0. The loader
+    /// adds `now - running_since_ns`, the time accrued but not yet charged. It sits in the same
+    /// per-CPU slot as `cpu_ns` and both change under that CPU's run-queue lock, so one map
+    /// lookup reads them consistently.
+    pub running_since_ns: u64,
 }
 
-/// What one CPU is running now: written at every context switch, so the loader can add the
-/// time a worker task has accrued since the kernel last charged it.
+/// The task a CPU switched to last, and its worker (0: none); a per-CPU cache that spares
+/// the probes classifying the same task again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunningTask {
-    /// Kernel address of the task (`struct task_struct *`); identity only, never dereferenced
-    /// by the loader.
+pub struct CurrentTask {
+    /// Kernel address of the task; identity only.
     pub task: u64,
-    /// v2 cgroup id of the worker the task belongs to; 0 when it belongs to none.
     pub worker: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the task was last charged or switched in.
-    pub since_ns: u64,
-    /// Thread id in the initial PID namespace.
-    pub tid: u32,
-    pub _pad: u32,
 }
 
 /// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
@@ -116,7 +112,7 @@ pub struct KernelLayout {
 mod pod {
     // SAFETY: every type is repr(C), Copy, has no padding and is valid for any bit pattern.
     unsafe impl aya::Pod for super::WorkerCounters {}
-    unsafe impl aya::Pod for super::RunningTask {}
+    unsafe impl aya::Pod for super::CurrentTask {}
     unsafe impl aya::Pod for super::SliceFilter {}
     unsafe impl aya::Pod for super::ProbeStats {}
     unsafe impl aya::Pod for super::KernelLayout {}

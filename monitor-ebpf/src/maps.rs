@@ -1,22 +1,23 @@
 //! The maps the probes share with the loader, and the counters' update helpers.
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
+    helpers::bpf_map_lookup_percpu_elem,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
-use monitor_common::{
-    ProbeStats, RunningTask, SliceFilter, WorkerCounters, MAX_CPUS, MAX_QUEUED_TASKS, MAX_WORKERS,
-};
+use monitor_common::{CurrentTask, ProbeStats, SliceFilter, WorkerCounters, MAX_QUEUED_TASKS, MAX_WORKERS};
 
 /// Worker cgroup id → counters. Per CPU, so a worker busy on many cores never contends.
 #[map]
 pub static WORKERS: PerCpuHashMap<u64, WorkerCounters> = PerCpuHashMap::with_max_entries(MAX_WORKERS, 0);
 
-/// CPU → the task it runs now. Written by its own CPU at every switch, and by another CPU
-/// only when that one charges this CPU's task remotely.
+/// Per CPU: the task it switched to last.
 #[map]
-pub static RUNNING: Array<RunningTask> = Array::with_max_entries(MAX_CPUS, 0);
+pub static CURRENT: PerCpuArray<CurrentTask> = PerCpuArray::with_max_entries(1, 0);
 
 /// Thread id → when a slice task became runnable (wakeup or preemption).
 #[map]
@@ -42,15 +43,46 @@ pub fn stats() -> Option<&'static mut ProbeStats> {
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// The counters of `worker` on this CPU, created on the worker's first event.
 #[inline(always)]
-pub fn counters<C: aya_ebpf::EbpfContext>(ctx: &C, worker: u64) -> Option<&'static mut WorkerCounters> {
-    if let Some(p) = WORKERS.get_ptr_mut(worker) {
-        // SAFETY: per-CPU value, and the probes do not nest on one CPU.
+pub fn current() -> Option<&'static mut CurrentTask> {
+    // SAFETY: per-CPU value, written only by this CPU's sched_switch.
+    CURRENT.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The counters of `worker` in this CPU's slot, created on the worker's first event.
+#[inline(always)]
+pub fn counters<C: EbpfContext>(ctx: &C, worker: u64) -> Option<&'static mut WorkerCounters> {
+    counters_with(ctx, worker, || WORKERS.get_ptr_mut(worker))
+}
+
+/// The counters of `worker` in CPU `cpu`'s slot. The kernel charges a task only under its
+/// CPU's run-queue lock, so writing another CPU's slot from here does not race with that CPU.
+#[inline(always)]
+pub fn counters_on_cpu<C: EbpfContext>(
+    ctx: &C,
+    worker: u64,
+    cpu: u32,
+) -> Option<&'static mut WorkerCounters> {
+    counters_with(ctx, worker, || {
+        let map = (&raw const WORKERS).cast_mut().cast::<c_void>();
+        let key = (&raw const worker).cast::<c_void>();
+        let p = unsafe { bpf_map_lookup_percpu_elem(map, key, cpu) };
+        (!p.is_null()).then_some(p.cast::<WorkerCounters>())
+    })
+}
+
+#[inline(always)]
+fn counters_with<C: EbpfContext>(
+    ctx: &C,
+    worker: u64,
+    lookup: impl Fn() -> Option<*mut WorkerCounters>,
+) -> Option<&'static mut WorkerCounters> {
+    // SAFETY: slots are written under the owning CPU's run-queue lock (see above).
+    if let Some(p) = lookup() {
         return Some(unsafe { &mut *p });
     }
     let _ = WORKERS.insert(worker, WorkerCounters::default(), BPF_NOEXIST as u64);
-    match WORKERS.get_ptr_mut(worker) {
+    match lookup() {
         Some(p) => Some(unsafe { &mut *p }),
         None => {
             if let Some(s) = stats() {

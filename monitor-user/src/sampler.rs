@@ -9,7 +9,7 @@ use monitor_common::{ProbeStats, SliceFilter, WorkerCounters};
 
 use crate::{
     error::Result,
-    probes::{KernelReading, Probes},
+    probes::{KernelReading, Probes, WorkerReading},
     sources::{
         cgroup::{self, Slice, WorkerCgroup},
         procfs,
@@ -25,6 +25,8 @@ pub struct WorkerSample {
     /// Seconds the main process has been running.
     pub uptime_s: Option<u64>,
     pub processes: usize,
+    /// CLOCK_MONOTONIC ns the counters describe.
+    pub at_ns: u64,
     /// Cumulative counters since the probes were attached (monotonic).
     pub counters: WorkerCounters,
     /// On-CPU time over the interval, percent of one core.
@@ -40,7 +42,9 @@ pub struct Sample {
     pub wall: SystemTime,
     /// CLOCK_MONOTONIC ns at which the counters were read.
     pub at_ns: u64,
-    /// Length of the interval the rates cover.
+    /// Time since the previous sample; each worker's rates cover its own interval, from its
+    /// previous reading to this one, which differs from this by the few microseconds
+    /// between the lookups of a pass.
     pub interval_ns: u64,
     pub workers: Vec<WorkerSample>,
     pub probe_stats: ProbeStats,
@@ -111,15 +115,25 @@ impl Sampler {
                 }
             };
             let main = self.main_process(cg.id, &procs);
-            let prev = self.prev.workers.get(&cg.id).copied().unwrap_or_default();
-            let counters = monotonic(prev, current.get(&cg.id).copied().unwrap_or_default());
-            current.insert(cg.id, counters);
+            // A worker without a previous reading had no events before: it starts from zero
+            // at the previous pass.
+            let prev = self
+                .prev
+                .workers
+                .get(&cg.id)
+                .copied()
+                .unwrap_or(WorkerReading { at_ns: self.prev.at_ns, counters: Default::default() });
+            let cur = current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
+            let counters = monotonic(prev.counters, cur.counters);
+            let worker_interval = cur.at_ns.saturating_sub(prev.at_ns);
+            current.insert(cg.id, WorkerReading { at_ns: cur.at_ns, counters });
             workers.push(WorkerSample {
                 pid: main.map(|m| m.pid),
                 uptime_s: main.map(|m| uptime_s(m.start_ticks, self.clk_tck, boottime_s)),
                 processes: procs.len(),
-                cpu_pct: rate_pct(prev.cpu_ns, counters.cpu_ns, interval_ns),
-                runq_wait_pct: rate_pct(prev.runq_wait_ns, counters.runq_wait_ns, interval_ns),
+                at_ns: cur.at_ns,
+                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
+                runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
                 counters,
                 cgroup: cg,
             });
@@ -143,7 +157,7 @@ impl Sampler {
     /// Drops the kernel counters of workers whose cgroup is gone. An id counts as gone when
     /// it was counted at the last reading yet missing from this walk; one created after this
     /// walk is not in the last reading, so it is kept until the next walk finds it.
-    fn forget_removed(&mut self, seen: &HashSet<u64>, current: &HashMap<u64, WorkerCounters>) {
+    fn forget_removed(&mut self, seen: &HashSet<u64>, current: &HashMap<u64, WorkerReading>) {
         let gone: Vec<u64> = current
             .keys()
             .filter(|id| !seen.contains(id) && self.prev.workers.contains_key(id))
@@ -188,6 +202,7 @@ fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
         runq_waits: cur.runq_waits.max(prev.runq_waits),
         voluntary_switches: cur.voluntary_switches.max(prev.voluntary_switches),
         involuntary_switches: cur.involuntary_switches.max(prev.involuntary_switches),
+        running_since_ns: 0,
     }
 }
 

@@ -1,14 +1,14 @@
 //! Loading and attaching the eBPF program, and reading what it counts.
 mod layout;
 
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::HashMap;
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{ProbeStats, RunningTask, SliceFilter, WorkerCounters};
+use monitor_common::{ProbeStats, SliceFilter, WorkerCounters};
 
 use crate::error::{Error, Result};
 
@@ -21,23 +21,36 @@ const PROGRAMS: [&str; 4] = ["sched_stat_runtime", "sched_switch", "sched_wakeup
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
     workers: PerCpuHashMap<MapData, u64, WorkerCounters>,
-    running: Array<MapData, RunningTask>,
     slice: Array<MapData, SliceFilter>,
     stats: PerCpuArray<MapData, ProbeStats>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
 }
 
-/// What each worker's tasks were charged, read in one pass.
+/// One worker's counters, summed over CPUs, as of one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerReading {
+    /// CLOCK_MONOTONIC ns the counters describe.
+    pub at_ns: u64,
+    /// `cpu_ns` includes the time the worker's running tasks accrued since the kernel last
+    /// charged them; `running_since_ns` is 0.
+    pub counters: WorkerCounters,
+}
+
+/// Every worker's counters, read in one pass.
 #[derive(Clone, Debug, Default)]
 pub struct KernelReading {
-    /// CLOCK_MONOTONIC nanoseconds at which the in-flight time was measured.
+    /// CLOCK_MONOTONIC ns at which the pass started.
     pub at_ns: u64,
-    /// Worker cgroup id → counters summed over CPUs, with `cpu_ns` including the time the
-    /// worker's running tasks accrued since the kernel last charged them.
-    pub workers: HashMap<u64, WorkerCounters>,
+    /// Worker cgroup id → its reading.
+    pub workers: HashMap<u64, WorkerReading>,
     pub stats: ProbeStats,
 }
+
+/// Uncharged time above this is not believed: a task is charged at every tick (4 ms at
+/// HZ=250) and at least once a second with `nohz_full`, so an older start means a switch
+/// was missed, and this bounds what such a miss can add.
+const MAX_UNCHARGED_NS: u64 = 1_000_000_000;
 
 impl Probes {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the
@@ -49,12 +62,8 @@ impl Probes {
         let kernel_layout = layout::resolve(&btf, slice_level)?;
         let aya_btf = Btf::from_sys_fs().map_err(|e| no_btf(e.to_string()))?;
         log::debug!("kernel layout: {kernel_layout:?}");
-        let cpus = aya::util::nr_cpus().map_err(|(path, e)| Error::io(path, e))? as u32;
 
-        let mut ebpf = EbpfLoader::new()
-            .override_global("LAYOUT", &kernel_layout, true)
-            .map_max_entries("RUNNING", cpus)
-            .load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new().override_global("LAYOUT", &kernel_layout, true).load(OBJECT)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -74,7 +83,6 @@ impl Probes {
         }
         Ok(Self {
             workers: take_map(&mut ebpf, "WORKERS")?,
-            running: take_map(&mut ebpf, "RUNNING")?,
             slice: take_map(&mut ebpf, "SLICE")?,
             stats: take_map(&mut ebpf, "STATS")?,
             logger,
@@ -95,20 +103,25 @@ impl Probes {
         }
     }
 
-    /// Reads every worker's counters and adds the in-flight time of workers' running tasks.
+    /// Reads every worker's counters, each with the time its running tasks have not been
+    /// charged for yet, measured against a clock read just before that worker's lookup.
     pub fn read(&mut self) -> Result<KernelReading> {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
         let map_err = |map| move |source| Error::Map { map, source };
+        let at_ns = monotonic_ns();
         let mut workers = HashMap::new();
-        for entry in self.workers.iter() {
-            let (id, per_cpu) = entry.map_err(map_err("WORKERS"))?;
-            workers.insert(id, sum(per_cpu.iter()));
+        let ids: Vec<u64> = self.workers.keys().collect::<Result<_, _>>().map_err(map_err("WORKERS"))?;
+        for id in ids {
+            let now = monotonic_ns();
+            let per_cpu = match self.workers.get(&id, 0) {
+                Ok(v) => v,
+                Err(aya::maps::MapError::KeyNotFound) => continue, // forgotten meanwhile
+                Err(source) => return Err(Error::Map { map: "WORKERS", source }),
+            };
+            workers.insert(id, WorkerReading { at_ns: now, counters: sum(per_cpu.iter(), now) });
         }
-        let (at_ns, inflight) = self.inflight()?;
-        // Read after the bulk pass, so never older than what it replaces.
-        workers.extend(inflight);
         let stats = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
         let stats = stats.iter().fold(ProbeStats::default(), |a, s| ProbeStats {
             workers_full: a.workers_full + s.workers_full,
@@ -118,59 +131,25 @@ impl Probes {
         });
         Ok(KernelReading { at_ns, workers, stats })
     }
-
-    /// For each worker running on some CPU now: its charged CPU time plus the time since the
-    /// kernel last charged it, read consistently. A charge landing between reading `RUNNING`
-    /// and the counters would be counted twice, so the pair is re-read until `RUNNING` did
-    /// not move in between (three tries; then the last reading, off by at most one charge).
-    fn inflight(&self) -> Result<(u64, HashMap<u64, WorkerCounters>)> {
-        let mut result = HashMap::new();
-        let mut now = monotonic_ns();
-        for _ in 0..3 {
-            result.clear();
-            let before = self.running_workers()?;
-            for r in &before {
-                if let Entry::Vacant(slot) = result.entry(r.worker) {
-                    slot.insert(match self.workers.get(&r.worker, 0) {
-                        Ok(per_cpu) => sum(per_cpu.iter()),
-                        Err(aya::maps::MapError::KeyNotFound) => WorkerCounters::default(),
-                        Err(source) => return Err(Error::Map { map: "WORKERS", source }),
-                    });
-                }
-            }
-            now = monotonic_ns();
-            let after = self.running_workers()?;
-            for r in &after {
-                if let Some(c) = result.get_mut(&r.worker) {
-                    c.cpu_ns += now.saturating_sub(r.since_ns);
-                }
-            }
-            if before == after {
-                break;
-            }
-        }
-        Ok((now, result))
-    }
-
-    fn running_workers(&self) -> Result<Vec<RunningTask>> {
-        let mut out = Vec::new();
-        for r in self.running.iter() {
-            let r = r.map_err(|source| Error::Map { map: "RUNNING", source })?;
-            if r.worker != 0 {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
 }
 
-fn sum<'a>(values: impl Iterator<Item = &'a WorkerCounters>) -> WorkerCounters {
-    values.fold(WorkerCounters::default(), |a, v| WorkerCounters {
-        cpu_ns: a.cpu_ns + v.cpu_ns,
-        runq_wait_ns: a.runq_wait_ns + v.runq_wait_ns,
-        runq_waits: a.runq_waits + v.runq_waits,
-        voluntary_switches: a.voluntary_switches + v.voluntary_switches,
-        involuntary_switches: a.involuntary_switches + v.involuntary_switches,
+/// Sums one worker's per-CPU slots, adding to `cpu_ns` each slot's time since its running
+/// task was last charged. A slot charged after `now` adds nothing: its counters are then
+/// exact as of that charge, a moment after `now`.
+fn sum<'a>(slots: impl Iterator<Item = &'a WorkerCounters>, now: u64) -> WorkerCounters {
+    slots.fold(WorkerCounters::default(), |a, v| {
+        let uncharged = match v.running_since_ns {
+            0 => 0,
+            since => now.saturating_sub(since).min(MAX_UNCHARGED_NS),
+        };
+        WorkerCounters {
+            cpu_ns: a.cpu_ns + v.cpu_ns + uncharged,
+            runq_wait_ns: a.runq_wait_ns + v.runq_wait_ns,
+            runq_waits: a.runq_waits + v.runq_waits,
+            voluntary_switches: a.voluntary_switches + v.voluntary_switches,
+            involuntary_switches: a.involuntary_switches + v.involuntary_switches,
+            running_since_ns: 0,
+        }
     })
 }
 
@@ -211,4 +190,33 @@ fn check_capabilities() -> Result<()> {
         (true, false) => "CAP_PERFMON",
     };
     Err(Error::NotPrivileged { missing })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(cpu_ns: u64, running_since_ns: u64) -> WorkerCounters {
+        WorkerCounters { cpu_ns, running_since_ns, voluntary_switches: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn uncharged_time_of_running_slots_is_added() {
+        let slots = [slot(1_000, 0), slot(2_000, 9_000), slot(3_000, 9_500)];
+        let c = sum(slots.iter(), 10_000);
+        assert_eq!(c.cpu_ns, 1_000 + 2_000 + 1_000 + 3_000 + 500);
+        assert_eq!(c.voluntary_switches, 3);
+        assert_eq!(c.running_since_ns, 0);
+    }
+
+    #[test]
+    fn a_charge_after_the_clock_read_adds_nothing() {
+        assert_eq!(sum([slot(5_000, 10_200)].iter(), 10_000).cpu_ns, 5_000);
+    }
+
+    #[test]
+    fn a_stale_start_adds_at_most_the_cap() {
+        let c = sum([slot(0, 1)].iter(), 1 + 10 * MAX_UNCHARGED_NS);
+        assert_eq!(c.cpu_ns, MAX_UNCHARGED_NS);
+    }
 }
