@@ -16,7 +16,8 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let prev = arg(&ctx, layout!(switch_prev));
     let next = arg(&ctx, layout!(switch_next));
     let prev_state = arg(&ctx, layout!(switch_prev_state)) as u32;
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Read the clock only for switches that involve a worker.
+    let now = || unsafe { bpf_ktime_get_ns() };
 
     // `prev` is normally the task this CPU switched to last time: reuse its classification.
     let prev_worker = if current.task == prev { current.worker } else { worker_of(prev, slice).unwrap_or(0) };
@@ -37,13 +38,14 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
             // A wakeup seen while it was still running must not start a wait now.
             let _ = QUEUED.remove(tid);
         } else {
-            mark_queued(tid, now, true);
+            mark_queued(tid, now(), true);
         }
     }
 
     let next_worker = worker_of(next, slice).unwrap_or(0);
     if next_worker != 0 {
         if let Some(c) = counters(&ctx, next_worker) {
+            let now = now();
             c.running_since_ns = now;
             let tid = task_tid(next);
             if let Some(&since) = unsafe { QUEUED.get(tid) } {
