@@ -11,6 +11,7 @@ use crate::{
     sampler::Sampler,
     sinks::stdout::Stdout,
     sources::cgroup::{self, Slice},
+    spawn,
 };
 
 /// Port the hive advertises in its heartbeat (the reference's default).
@@ -27,6 +28,39 @@ struct Cli {
 enum Command {
     /// Sample the workers every interval and print one heartbeat JSON line each time.
     Run(RunArgs),
+    /// Create a worker cgroup `<slice>/<group>/<instance>`, apply limits, run CMD in it, and
+    /// exit with CMD's status; the cgroup is removed when CMD exits.
+    Spawn(SpawnArgs),
+}
+
+#[derive(Args)]
+struct SpawnArgs {
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+    /// The worker's group, e.g. `llm`.
+    #[arg(long)]
+    group: String,
+    /// The worker's instance, e.g. `8080`; refused if it already exists.
+    #[arg(long)]
+    instance: String,
+    /// Memory limit: `512M`, `8G`, … (binary units).
+    #[arg(long, value_parser = spawn::parse_size)]
+    memory_max: Option<u64>,
+    /// CPU limit in cores: `0.5`, `2`, …
+    #[arg(long, value_parser = spawn::parse_cores)]
+    cpu_max: Option<f64>,
+    /// Run CMD as this user (with its groups).
+    #[arg(long)]
+    user: Option<String>,
+    /// Set an environment variable for CMD; repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = spawn::parse_env)]
+    env: Vec<(String, String)>,
+    /// Keep the cgroup when CMD exits.
+    #[arg(long)]
+    keep: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -68,10 +102,11 @@ pub fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args).map(|()| 0),
+        Command::Spawn(args) => spawn(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE
@@ -79,12 +114,32 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> Result<(), Error> {
-    let root = match args.cgroup.cgroup_root {
-        Some(root) => root,
-        None => cgroup::detect_root()?,
+impl CgroupArgs {
+    fn slice(&self) -> Result<Slice, Error> {
+        let root = match &self.cgroup_root {
+            Some(root) => root.clone(),
+            None => cgroup::detect_root()?,
+        };
+        Slice::new(root, &self.slice)
+    }
+}
+
+fn spawn(args: SpawnArgs) -> Result<i32, Error> {
+    let spec = spawn::SpawnSpec {
+        group: args.group,
+        instance: args.instance,
+        memory_max: args.memory_max,
+        cpu_max: args.cpu_max,
+        user: args.user,
+        env: args.env,
+        keep: args.keep,
+        command: args.command,
     };
-    let slice = Slice::new(root, &args.cgroup.slice)?;
+    spawn::run(&args.cgroup.slice()?, &spec)
+}
+
+fn run(args: RunArgs) -> Result<(), Error> {
+    let slice = args.cgroup.slice()?;
     let hostname = hostname();
     let identity =
         HiveIdentity { id: args.hive_id.unwrap_or_else(|| hostname.clone()), hostname, port: DEFAULT_PORT };

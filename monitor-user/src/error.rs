@@ -41,6 +41,28 @@ pub enum Error {
     #[error("invalid slice path `{0}`: it must be relative, with no `.`, `..` or empty parts")]
     BadSlice(String),
 
+    #[error("invalid {what} name {name:?}: use 1 to 64 characters, no `/`, NUL or control characters, not `.` or `..`")]
+    BadName { what: &'static str, name: String },
+
+    #[error("worker {0} already exists; pick another instance or remove that cgroup")]
+    InstanceExists(PathBuf),
+
+    #[error("{limit} cannot be applied: {reason}")]
+    LimitUnavailable { limit: &'static str, reason: String },
+
+    #[error("cgroup {path}: {message}")]
+    Cgroup { path: String, message: String },
+
+    #[error("unknown user {0:?}")]
+    UnknownUser(String),
+
+    #[error("cannot start {command:?}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -8,3 +8,4 @@ pub mod probes;
 pub mod sampler;
 pub mod sinks;
 pub mod sources;
+pub mod spawn;

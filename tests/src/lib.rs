@@ -32,32 +32,90 @@ pub fn bpf_available(test: &str) -> bool {
     false
 }
 
-/// This process's cgroup in the v2 hierarchy, relative to the cgroup2 root.
-pub fn own_v2_cgroup() -> PathBuf {
+/// This process's cgroup in the hierarchy `name` (`""` for v2), relative to its root.
+pub fn own_cgroup(name: &str) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).expect("no v2 entry in /proc/self/cgroup");
-    PathBuf::from(rel.trim_start_matches('/'))
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == name).then(|| PathBuf::from(path.trim_start_matches('/')))
+    })
 }
 
-/// A cgroup directory tree this test created beneath its own cgroup. Dropping it (also while
-/// a failing test unwinds) kills what runs inside and removes every directory it holds.
+pub fn own_v2_cgroup() -> PathBuf {
+    own_cgroup("").expect("no v2 entry in /proc/self/cgroup")
+}
+
+/// A cgroup tree this test created beneath its own cgroup, in the v2 hierarchy and optionally
+/// at the same relative path in v1 hierarchies. Dropping it (also while a failing test
+/// unwinds) kills what runs inside and removes every directory it created or holds.
 pub struct TestCgroup {
     pub root: PathBuf,
     /// `dir` relative to the cgroup2 root.
     pub rel: PathBuf,
     pub dir: PathBuf,
+    /// This test's directory in every hierarchy, removed with all it holds.
+    own: Vec<PathBuf>,
+    /// Directories above them that tests of this process created, parents first; shared
+    /// with the tests running beside this one, so counted in `SHARED_PARENTS`.
+    parents: Vec<PathBuf>,
 }
 
+/// Parent directories the tests of this process created, with how many tests use each: the
+/// last one out removes it.
+static SHARED_PARENTS: std::sync::Mutex<Vec<(PathBuf, usize)>> = std::sync::Mutex::new(Vec::new());
+
 impl TestCgroup {
+    /// `<own v2 cgroup>/hm-test-<pid>-<name>`.
     pub fn new(name: &str) -> Self {
-        let root = monitor_user::sources::cgroup::detect_root().expect("cgroup2 root");
-        let rel = own_v2_cgroup().join(format!("hm-test-{}-{name}", std::process::id()));
-        let dir = root.join(&rel);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self { root, rel, dir }
+        Self::create(own_v2_cgroup(), name, &[])
     }
 
-    /// Creates `path` (relative to this test cgroup) with its parents.
+    /// The same test directory in v2 and in each v1 hierarchy in `controllers` (mounted at
+    /// `/sys/fs/cgroup/<controller>`), at one relative path beneath this process's cgroup in
+    /// all of them. `None` when no such path exists (no v1 mount, or own cgroups that do not
+    /// nest), or on a unified host.
+    pub fn with_v1(name: &str, controllers: &[&str]) -> Option<Self> {
+        let mut owns = vec![own_v2_cgroup()];
+        for c in controllers {
+            if !Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists() {
+                return None;
+            }
+            owns.push(own_cgroup(c)?);
+        }
+        let deepest = owns.iter().max_by_key(|p| p.components().count())?.clone();
+        owns.iter().all(|p| deepest.starts_with(p)).then(|| Self::create(deepest, name, controllers))
+    }
+
+    fn create(base: PathBuf, name: &str, controllers: &[&str]) -> Self {
+        let root = monitor_user::sources::cgroup::detect_root().expect("cgroup2 root");
+        let rel = base.join(format!("hm-test-{}-{name}", std::process::id()));
+        let (mut own, mut parents) = (Vec::new(), Vec::new());
+        let mut shared = SHARED_PARENTS.lock().unwrap_or_else(|e| e.into_inner());
+        let roots = std::iter::once(root.clone())
+            .chain(controllers.iter().map(|c| Path::new("/sys/fs/cgroup").join(c)));
+        for hierarchy in roots {
+            let mut dir = hierarchy.clone();
+            for part in base.components() {
+                dir.push(part);
+                if let Some(entry) = shared.iter_mut().find(|(p, _)| *p == dir) {
+                    entry.1 += 1;
+                    parents.push(dir.clone());
+                } else if !dir.exists() {
+                    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+                    shared.push((dir.clone(), 1));
+                    parents.push(dir.clone());
+                }
+            }
+            let mine = hierarchy.join(&rel);
+            std::fs::create_dir(&mine).unwrap_or_else(|e| panic!("mkdir {}: {e}", mine.display()));
+            own.push(mine);
+        }
+        let dir = root.join(&rel);
+        Self { root, rel, dir, own, parents }
+    }
+
+    /// Creates `path` (relative to this test cgroup) with its parents, in v2.
     pub fn mkdir(&self, path: &str) -> PathBuf {
         let dir = self.dir.join(path);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
@@ -77,7 +135,19 @@ impl Drop for TestCgroup {
         while populated(&self.dir) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        remove_tree(&self.dir);
+        for dir in &self.own {
+            remove_tree(dir);
+        }
+        let mut shared = SHARED_PARENTS.lock().unwrap_or_else(|e| e.into_inner());
+        for dir in self.parents.iter().rev() {
+            if let Some(i) = shared.iter().position(|(p, _)| p == dir) {
+                shared[i].1 -= 1;
+                if shared[i].1 == 0 {
+                    shared.remove(i);
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+        }
     }
 }
 

@@ -80,6 +80,11 @@ impl Slice {
         &self.root
     }
 
+    /// The slice's path below the cgroup2 root.
+    pub fn rel(&self) -> &Path {
+        &self.rel
+    }
+
     pub fn dir(&self) -> PathBuf {
         self.root.join(&self.rel)
     }
