@@ -11,7 +11,7 @@ use crate::{
     sampler::Sampler,
     sinks::stdout::Stdout,
     sources::cgroup::{self, Slice},
-    spawn,
+    spawn, top,
 };
 
 /// Port the hive advertises in its heartbeat (the reference's default).
@@ -31,6 +31,24 @@ enum Command {
     /// Create a worker cgroup `<slice>/<group>/<instance>`, apply limits, run CMD in it, and
     /// exit with CMD's status; the cgroup is removed when CMD exits.
     Spawn(SpawnArgs),
+    /// A live table of the workers: from the local daemon's pull API when it answers,
+    /// else from probes this command loads itself.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+    /// Where the local daemon's pull API listens.
+    #[arg(long, default_value = "127.0.0.1:7835")]
+    listen: String,
+    /// Refresh period: `1s`, `500ms`, … (10ms to 1h).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    interval: Duration,
+    /// Identity of this host [default: the host name].
+    #[arg(long)]
+    hive_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -104,6 +122,7 @@ pub fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run(args).map(|()| 0),
         Command::Spawn(args) => spawn(args),
+        Command::Top(args) => top(args).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -124,6 +143,10 @@ impl CgroupArgs {
     }
 }
 
+fn top(args: TopArgs) -> Result<(), Error> {
+    top::run(args.cgroup.slice()?, &args.listen, args.interval, identity(args.hive_id))
+}
+
 fn spawn(args: SpawnArgs) -> Result<i32, Error> {
     let spec = spawn::SpawnSpec {
         group: args.group,
@@ -140,9 +163,7 @@ fn spawn(args: SpawnArgs) -> Result<i32, Error> {
 
 fn run(args: RunArgs) -> Result<(), Error> {
     let slice = args.cgroup.slice()?;
-    let hostname = hostname();
-    let identity =
-        HiveIdentity { id: args.hive_id.unwrap_or_else(|| hostname.clone()), hostname, port: DEFAULT_PORT };
+    let identity = identity(args.hive_id);
 
     let mut sampler = Sampler::new(slice)?;
     log::info!(
@@ -174,6 +195,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
         sent += 1;
     }
     Ok(())
+}
+
+fn identity(hive_id: Option<String>) -> HiveIdentity {
+    let hostname = hostname();
+    HiveIdentity { id: hive_id.unwrap_or_else(|| hostname.clone()), hostname, port: DEFAULT_PORT }
 }
 
 fn hostname() -> String {

@@ -63,6 +63,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("daemon pull API {url}: {reason}")]
+    Pull { url: String, reason: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

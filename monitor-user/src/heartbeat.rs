@@ -1,12 +1,12 @@
 //! The wire model: the reference `HiveHeartbeat` shape (every reference field name) plus
 //! additive extensions. Figures not collected are `null`, never a made-up 0.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sampler::{Sample, WorkerSample};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub schema_version: u32,
     /// Increases by one per heartbeat from 1; a gap means heartbeats were missed.
@@ -21,14 +21,14 @@ pub struct Heartbeat {
 }
 
 /// Identity and host vitals of this host.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Hive {
     pub id: String,
     pub hostname: String,
     pub port: u16,
-    pub operational_status: &'static str,
-    pub health_status: &'static str,
-    pub version: &'static str,
+    pub operational_status: String,
+    pub health_status: String,
+    pub version: String,
     pub cpu_usage_percent: Option<f64>,
     pub ram_used_gb: Option<f64>,
     pub ram_total_gb: Option<f64>,
@@ -37,7 +37,7 @@ pub struct Hive {
     pub uptime_seconds: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Worker {
     pub pid: Option<u32>,
     pub group: String,
@@ -66,7 +66,7 @@ pub struct Worker {
 }
 
 /// Where each figure came from.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Ebpf,
@@ -76,7 +76,7 @@ pub enum Source {
     Unavailable,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Collector {
     pub cpu: Source,
     pub runq: Source,
@@ -91,7 +91,7 @@ pub struct Collector {
 
 /// Events the probes could not account, cumulative since start; non-zero means some
 /// figure is incomplete.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeHealth {
     pub workers_map_full: u64,
     pub queued_map_full: u64,
@@ -117,9 +117,9 @@ impl Heartbeat {
                 id: identity.id.clone(),
                 hostname: identity.hostname.clone(),
                 port: identity.port,
-                operational_status: "ready",
-                health_status: "healthy",
-                version: env!("CARGO_PKG_VERSION"),
+                operational_status: "ready".into(),
+                health_status: "healthy".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
                 cpu_usage_percent: None,
                 ram_used_gb: None,
                 ram_total_gb: None,

@@ -1,6 +1,6 @@
 //! hive-monitor's loader and daemon. Data flows one way:
 //! `probes` (kernel) and `sources` (files) → `sampler` (merge, rates) → `heartbeat` (model)
-//! → `sinks` (output).
+//! → `sinks` (output) and `top` (a live view).
 pub mod cli;
 pub mod error;
 pub mod heartbeat;
@@ -9,3 +9,4 @@ pub mod sampler;
 pub mod sinks;
 pub mod sources;
 pub mod spawn;
+pub mod top;

@@ -1,0 +1,446 @@
+//! `hive-monitor top`: a live table of the workers. A presenter of the heartbeat model only:
+//! the heartbeats come from the local daemon's pull API when it answers, else from probes
+//! this command loads itself.
+use std::{
+    cmp::Ordering,
+    time::{Duration, Instant},
+};
+
+use ratatui::{
+    crossterm::event::{self, Event, KeyCode, KeyEventKind},
+    layout::{Constraint, Layout, Rect},
+    style::{Modifier, Style},
+    text::Line,
+    widgets::{Cell, Paragraph, Row, Table},
+    Frame,
+};
+
+use crate::{
+    error::{Error, Result},
+    heartbeat::{Heartbeat, HiveIdentity, Worker},
+    probes::monotonic_ns,
+    sampler::Sampler,
+    sources::cgroup::Slice,
+};
+
+/// Smallest terminal the view draws into; below it, it says so instead.
+pub const MIN_WIDTH: u16 = 30;
+pub const MIN_HEIGHT: u16 = 5;
+
+/// A column: header, width, and how it reads and orders a worker.
+struct Column {
+    title: &'static str,
+    width: u16,
+    text: fn(&Worker) -> String,
+    key: fn(&Worker) -> Key,
+}
+
+/// What a column sorts by; a missing figure sorts below every present one.
+#[derive(PartialEq, PartialOrd)]
+enum Key {
+    Missing,
+    Num(f64),
+    Text(String),
+}
+
+fn num(v: Option<f64>) -> Key {
+    v.map_or(Key::Missing, Key::Num)
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.digits$}"))
+}
+
+/// In the order shown; when the terminal is narrow the rightmost are left out.
+const COLUMNS: [Column; 10] = [
+    Column {
+        title: "WORKER",
+        width: 13,
+        text: |w| format!("{}/{}", w.group, w.instance),
+        key: |w| Key::Text(format!("{}/{}", w.group, w.instance)),
+    },
+    Column {
+        title: "PID",
+        width: 7,
+        text: |w| w.pid.map_or_else(|| "n/a".into(), |p| p.to_string()),
+        key: |w| num(w.pid.map(f64::from)),
+    },
+    Column { title: "CPU%", width: 6, text: |w| fmt(w.cpu_pct, 1), key: |w| num(w.cpu_pct) },
+    Column {
+        title: "MEM MB",
+        width: 6,
+        text: |w| fmt(w.rss_mb.map(|v| v as f64), 0),
+        key: |w| num(w.rss_mb.map(|v| v as f64)),
+    },
+    Column { title: "RD MB/s", width: 7, text: |w| fmt(w.io_r_mb_s, 1), key: |w| num(w.io_r_mb_s) },
+    Column { title: "WR MB/s", width: 7, text: |w| fmt(w.io_w_mb_s, 1), key: |w| num(w.io_w_mb_s) },
+    Column { title: "GPU%", width: 5, text: |w| fmt(w.gpu_util_pct, 0), key: |w| num(w.gpu_util_pct) },
+    Column {
+        title: "VRAM MB",
+        width: 7,
+        text: |w| fmt(w.vram_mb.map(|v| v as f64), 0),
+        key: |w| num(w.vram_mb.map(|v| v as f64)),
+    },
+    Column { title: "RUNQ%", width: 5, text: |w| fmt(w.runq_wait_pct, 1), key: |w| num(w.runq_wait_pct) },
+    Column {
+        title: "MODEL",
+        width: 8,
+        text: |w| w.model.clone().unwrap_or_else(|| "n/a".into()),
+        key: |w| w.model.clone().map_or(Key::Missing, Key::Text),
+    },
+];
+
+/// What the user chose: the sort column and direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub sort: usize,
+    pub descending: bool,
+}
+
+impl Default for View {
+    /// Busiest first.
+    fn default() -> Self {
+        Self { sort: 2, descending: true }
+    }
+}
+
+impl View {
+    /// Applies a key; returns false when the key means quit.
+    pub fn key(&mut self, code: KeyCode) -> bool {
+        match code {
+            KeyCode::Char('q') | KeyCode::Esc => return false,
+            KeyCode::Right | KeyCode::Char('>') | KeyCode::Tab => self.sort = (self.sort + 1) % COLUMNS.len(),
+            KeyCode::Left | KeyCode::Char('<') | KeyCode::BackTab => {
+                self.sort = (self.sort + COLUMNS.len() - 1) % COLUMNS.len()
+            }
+            KeyCode::Char('r') => self.descending = !self.descending,
+            KeyCode::Char(c @ '0'..='9') => self.sort = (c as usize - '0' as usize + 9) % 10,
+            _ => {}
+        }
+        true
+    }
+}
+
+/// Where the heartbeats come from, named in the header.
+pub enum Feed {
+    /// The daemon's pull API at this URL.
+    Daemon(String),
+    /// Probes loaded by this command.
+    Own,
+}
+
+/// Draws one heartbeat (or a notice while there is none) into the whole frame.
+pub fn render(frame: &mut Frame, heartbeat: Option<&Heartbeat>, view: View, feed: &Feed, status: &str) {
+    let area = frame.area();
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        let msg =
+            format!("terminal too small: {}x{}, need {MIN_WIDTH}x{MIN_HEIGHT}", area.width, area.height);
+        frame.render_widget(Paragraph::new(msg), area);
+        return;
+    }
+    let [header, table, footer] =
+        Layout::vertical([Constraint::Length(2), Constraint::Min(1), Constraint::Length(1)]).areas(area);
+    let source = match feed {
+        Feed::Daemon(url) => format!("daemon {url}"),
+        Feed::Own => "own probes".into(),
+    };
+    let Some(hb) = heartbeat else {
+        frame.render_widget(
+            Paragraph::new(vec![Line::from(format!("hive-monitor top — {source}")), Line::from(status)]),
+            header,
+        );
+        return;
+    };
+    let h = &hb.hive;
+    let host = format!(
+        "host CPU {}%  RAM {}/{} GB  GPUs {}  workers {}",
+        fmt(h.cpu_usage_percent, 1),
+        fmt(h.ram_used_gb, 1),
+        fmt(h.ram_total_gb, 1),
+        h.vram_per_device.as_ref().map_or_else(|| "n/a".into(), |d| d.len().to_string()),
+        hb.workers.len(),
+    );
+    let title = format!("{} {}  #{}  {}", h.id, hb.timestamp, hb.seq, source);
+    frame.render_widget(Paragraph::new(vec![Line::from(title), Line::from(host)]), header);
+    frame.render_widget(worker_table(&hb.workers, view, table), table);
+    let order = if view.descending { "▼" } else { "▲" };
+    let help =
+        format!("sort: {} {order}   q quit  ←/→ or 1-0 sort column  r reverse", COLUMNS[view.sort].title);
+    frame.render_widget(Paragraph::new(if status.is_empty() { help.as_str() } else { status }), footer);
+}
+
+fn worker_table(workers: &[Worker], view: View, area: Rect) -> Table<'static> {
+    // As many columns as fit, left to right, one space apart.
+    let mut used = 0;
+    let shown: Vec<usize> = (0..COLUMNS.len())
+        .take_while(|&i| {
+            used += COLUMNS[i].width + u16::from(i > 0);
+            used <= area.width
+        })
+        .collect();
+    let mut rows: Vec<&Worker> = workers.iter().collect();
+    let key = COLUMNS[view.sort].key;
+    rows.sort_by(|a, b| {
+        let o = key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal);
+        if view.descending {
+            o.reverse()
+        } else {
+            o
+        }
+    });
+    // The sort column's title is shown bold and not inverted; the footer names it.
+    let header = Row::new(shown.iter().map(|&i| {
+        let cell = Cell::from(COLUMNS[i].title);
+        match i == view.sort {
+            true => cell.style(Style::default().add_modifier(Modifier::BOLD)),
+            false => cell.style(Style::default().add_modifier(Modifier::REVERSED)),
+        }
+    }));
+    let body = rows.into_iter().map(|w| Row::new(shown.iter().map(|&i| Cell::from((COLUMNS[i].text)(w)))));
+    Table::new(body, shown.iter().map(|&i| Constraint::Length(COLUMNS[i].width)))
+        .header(header)
+        .column_spacing(1)
+}
+
+/// The latest heartbeat from the daemon's pull API.
+pub fn fetch(client: &reqwest::blocking::Client, url: &str) -> Result<Heartbeat> {
+    let err = |e: reqwest::Error| Error::Pull { url: url.to_string(), reason: e.to_string() };
+    client.get(url).send().and_then(|r| r.error_for_status()).map_err(err)?.json().map_err(err)
+}
+
+/// Runs the live view until the user quits.
+pub fn run(slice: Slice, listen: &str, interval: Duration, identity: HiveIdentity) -> Result<()> {
+    let url = format!("http://{listen}/v1/heartbeat");
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .map_err(|e| Error::Pull { url: url.clone(), reason: e.to_string() })?;
+    // The daemon's figures when it runs; else this command samples by itself.
+    let mut own = match fetch(&client, &url) {
+        Ok(_) => None,
+        Err(e) => {
+            log::info!("{e}; sampling with own probes");
+            Some((Sampler::new(slice)?, monotonic_ns()))
+        }
+    };
+    let feed = if own.is_some() { Feed::Own } else { Feed::Daemon(url.clone()) };
+
+    let mut terminal = ratatui::init();
+    let mut view = View::default();
+    let mut latest: Option<Heartbeat> = None;
+    let mut status = String::from("waiting for the first sample…");
+    let mut next = Instant::now();
+    let result = loop {
+        if Instant::now() >= next {
+            next += interval;
+            let heartbeat = match &mut own {
+                Some((sampler, started)) => sampler
+                    .sample()
+                    .map(|s| Heartbeat::new(&s, &identity, (s.at_ns - *started) / 1_000_000_000)),
+                None => fetch(&client, &url),
+            };
+            match heartbeat {
+                Ok(hb) => {
+                    latest = Some(hb);
+                    status.clear();
+                }
+                Err(e) => status = e.to_string(),
+            }
+        }
+        if let Err(e) = terminal.draw(|f| render(f, latest.as_ref(), view, &feed, &status)) {
+            break Err(Error::io("terminal", e));
+        }
+        match event::poll(next.saturating_duration_since(Instant::now())) {
+            Ok(true) => match event::read() {
+                Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => {
+                    if !view.key(k.code) {
+                        break Ok(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => break Err(Error::io("terminal", e)),
+            },
+            Ok(false) => {}
+            Err(e) => break Err(Error::io("terminal", e)),
+        }
+    };
+    ratatui::restore();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::{backend::TestBackend, Terminal};
+
+    use super::*;
+    use crate::heartbeat::{Collector, Hive, ProbeHealth, Source};
+
+    fn worker(group: &str, instance: &str, pid: u32, cpu: Option<f64>, runq: f64) -> Worker {
+        Worker {
+            pid: Some(pid),
+            group: group.into(),
+            instance: instance.into(),
+            cpu_pct: cpu,
+            rss_mb: None,
+            gpu_util_pct: None,
+            vram_mb: None,
+            model: None,
+            uptime_s: Some(5),
+            io_r_mb_s: None,
+            io_w_mb_s: None,
+            cgroup: format!("/rbee.slice/{group}/{instance}"),
+            cgroup_id: 1,
+            processes: 1,
+            cpu_ns_total: 0,
+            runq_wait_pct: Some(runq),
+            runq_wait_ns_total: 0,
+            runq_waits_total: 0,
+            ctx_switches_voluntary_total: 0,
+            ctx_switches_involuntary_total: 0,
+        }
+    }
+
+    fn snapshot() -> Heartbeat {
+        let s = Source::Unavailable;
+        Heartbeat {
+            schema_version: 1,
+            seq: 42,
+            interval_ms: 1000.0,
+            hive: Hive {
+                id: "gpu-host-1".into(),
+                hostname: "gpu-host-1".into(),
+                port: 7835,
+                operational_status: "ready".into(),
+                health_status: "healthy".into(),
+                version: "0.1.0".into(),
+                cpu_usage_percent: None,
+                ram_used_gb: None,
+                ram_total_gb: None,
+                vram_per_device: None,
+                uptime_seconds: 60,
+            },
+            timestamp: "2026-11-24T10:00:00Z".into(),
+            workers: vec![
+                worker("llm", "8080", 101, Some(99.5), 0.2),
+                worker("embed", "9090", 202, Some(3.25), 7.5),
+                worker("llm", "8081", 303, None, 0.0),
+            ],
+            collector: Collector {
+                cpu: Source::Ebpf,
+                runq: Source::Ebpf,
+                ctx_switches: Source::Ebpf,
+                memory: s,
+                io: s,
+                gpu: s,
+                model: s,
+                host: s,
+                probes: ProbeHealth {
+                    workers_map_full: 0,
+                    queued_map_full: 0,
+                    read_errors: 0,
+                    nested_too_deep: 0,
+                },
+            },
+        }
+    }
+
+    fn draw(width: u16, height: u16, view: View) -> Vec<String> {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|f| render(f, Some(&snapshot()), view, &Feed::Own, "")).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        (0..height)
+            .map(|y| {
+                (0..width)
+                    .map(|x| buffer[(x, y)].symbol().to_string())
+                    .collect::<String>()
+                    .trim_end()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_in_an_80x24_terminal_busiest_first() {
+        let lines = draw(80, 24, View::default());
+        assert!(lines[0].contains("gpu-host-1") && lines[0].contains("#42"), "{lines:#?}");
+        assert!(lines[1].contains("host CPU n/a%") && lines[1].contains("workers 3"), "{lines:#?}");
+        assert!(lines[23].starts_with("sort: CPU% ▼"), "{lines:#?}");
+        for title in
+            ["WORKER", "PID", "CPU%", "MEM MB", "RD MB/s", "WR MB/s", "GPU%", "VRAM MB", "RUNQ%", "MODEL"]
+        {
+            assert!(lines[2].contains(title), "{title} missing at 80 columns: {lines:#?}");
+        }
+        let rows = &lines[3..6];
+        assert!(
+            rows[0].starts_with("llm/8080") && rows[0].contains("101") && rows[0].contains("99.5"),
+            "{rows:#?}"
+        );
+        assert!(
+            rows[1].starts_with("embed/9090") && rows[1].contains("3.2") && rows[1].contains("7.5"),
+            "{rows:#?}"
+        );
+        assert!(
+            rows[2].starts_with("llm/8081") && rows[2].contains("n/a"),
+            "missing CPU sorts last: {rows:#?}"
+        );
+        assert!(lines[23].contains("q quit"), "{lines:#?}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 80));
+    }
+
+    #[test]
+    fn keys_change_the_sort() {
+        let mut view = View::default();
+        assert!(view.key(KeyCode::Char('1')));
+        assert_eq!(view.sort, 0);
+        let lines = draw(80, 24, view);
+        assert!(lines[23].starts_with("sort: WORKER ▼"), "{lines:#?}");
+        assert!(lines[3].starts_with("llm/8081") && lines[5].starts_with("embed/9090"), "{lines:#?}");
+        view.key(KeyCode::Char('r'));
+        let lines = draw(80, 24, view);
+        assert!(lines[23].starts_with("sort: WORKER ▲") && lines[3].starts_with("embed/9090"), "{lines:#?}");
+        view.key(KeyCode::Left);
+        assert_eq!(view.sort, COLUMNS.len() - 1);
+        assert!(!view.key(KeyCode::Char('q')));
+    }
+
+    /// Serves one canned HTTP answer on a loopback port; returns the URL.
+    fn serve_once(status: &'static str, body: String) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/heartbeat", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes());
+        });
+        url
+    }
+
+    #[test]
+    fn fetches_the_daemons_heartbeat_and_rejects_garbage() {
+        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        let url = serve_once("200 OK", serde_json::to_string(&snapshot()).unwrap());
+        let hb = fetch(&client, &url).expect("a heartbeat");
+        assert_eq!((hb.seq, hb.workers.len(), hb.workers[1].instance.as_str()), (42, 3, "9090"));
+
+        let url = serve_once("200 OK", "{\"not\": \"a heartbeat\"}".into());
+        assert!(matches!(fetch(&client, &url), Err(Error::Pull { .. })));
+        let url = serve_once("500 Internal Server Error", String::new());
+        let e = fetch(&client, &url).unwrap_err().to_string();
+        assert!(e.contains("500"), "{e}");
+    }
+
+    #[test]
+    fn a_narrow_terminal_drops_columns_and_a_tiny_one_says_so() {
+        let lines = draw(40, 10, View::default());
+        assert!(lines[2].starts_with("WORKER") && lines[2].contains("CPU%"), "{lines:#?}");
+        assert!(!lines[2].contains("RUNQ%") && lines.iter().all(|l| l.chars().count() <= 40), "{lines:#?}");
+        let tiny = draw(20, 4, View::default());
+        assert!(tiny.join(" ").contains("terminal too small"), "{tiny:#?}");
+    }
+}
