@@ -2,7 +2,13 @@
 //! additive extensions. Figures not collected are `null`, never a made-up 0.
 use serde::{Deserialize, Serialize};
 
-use crate::sampler::{Sample, WorkerSample};
+use crate::{
+    sampler::{Sample, WorkerSample},
+    sources::memory::{MemoryReading, Origin},
+};
+
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -43,6 +49,8 @@ pub struct Worker {
     pub group: String,
     pub instance: String,
     pub cpu_pct: Option<f64>,
+    /// Memory charged to the worker's memory cgroup (or its processes' summed RSS when that
+    /// cgroup is shared; see `memory.source`), MiB.
     pub rss_mb: Option<u64>,
     pub gpu_util_pct: Option<f64>,
     pub vram_mb: Option<u64>,
@@ -63,6 +71,39 @@ pub struct Worker {
     pub runq_waits_total: u64,
     pub ctx_switches_voluntary_total: u64,
     pub ctx_switches_involuntary_total: u64,
+    pub memory: Option<WorkerMemory>,
+}
+
+/// A worker's memory breakdown, bytes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerMemory {
+    /// `cgroup` (its memory cgroup's files) or `procfs` (summed over its processes, because
+    /// its memory cgroup holds others too).
+    pub source: Source,
+    pub current_bytes: u64,
+    pub anon_bytes: Option<u64>,
+    pub file_bytes: Option<u64>,
+    pub peak_bytes: Option<u64>,
+    /// `null`: no limit, or not known.
+    pub limit_bytes: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
+impl From<&MemoryReading> for WorkerMemory {
+    fn from(m: &MemoryReading) -> Self {
+        WorkerMemory {
+            source: match m.origin {
+                Origin::CgroupV2 | Origin::CgroupV1 => Source::Cgroup,
+                Origin::Procfs => Source::Procfs,
+            },
+            current_bytes: m.current,
+            anon_bytes: m.anon,
+            file_bytes: m.file,
+            peak_bytes: m.peak,
+            limit_bytes: m.limit,
+            oom_kills: m.oom_kills,
+        }
+    }
 }
 
 /// Where each figure came from.
@@ -120,9 +161,13 @@ impl Heartbeat {
                 operational_status: "ready".into(),
                 health_status: "healthy".into(),
                 version: env!("CARGO_PKG_VERSION").into(),
-                cpu_usage_percent: None,
-                ram_used_gb: None,
-                ram_total_gb: None,
+                cpu_usage_percent: sample.host.cpu_pct.map(|v| round(v, 2)),
+                ram_used_gb: sample
+                    .host
+                    .ram_total
+                    .zip(sample.host.ram_available)
+                    .map(|(t, a)| round(t.saturating_sub(a) as f64 / GIB, 3)),
+                ram_total_gb: sample.host.ram_total.map(|t| round(t as f64 / GIB, 3)),
                 vram_per_device: None,
                 uptime_seconds,
             },
@@ -132,11 +177,11 @@ impl Heartbeat {
                 cpu: Source::Ebpf,
                 runq: Source::Ebpf,
                 ctx_switches: Source::Ebpf,
-                memory: Source::Unavailable,
+                memory: Source::Cgroup,
                 io: Source::Unavailable,
                 gpu: Source::Unavailable,
-                model: Source::Unavailable,
-                host: Source::Unavailable,
+                model: Source::Procfs,
+                host: Source::Procfs,
                 probes: ProbeHealth {
                     workers_map_full: sample.probe_stats.workers_full,
                     queued_map_full: sample.probe_stats.queued_full,
@@ -155,10 +200,10 @@ impl From<&WorkerSample> for Worker {
             group: w.cgroup.group.clone(),
             instance: w.cgroup.instance.clone(),
             cpu_pct: w.cpu_pct.map(|v| round(v, 2)),
-            rss_mb: None,
+            rss_mb: w.memory.map(|m| (m.current as f64 / MIB).round() as u64),
             gpu_util_pct: None,
             vram_mb: None,
-            model: None,
+            model: w.model.clone(),
             uptime_s: w.uptime_s,
             io_r_mb_s: None,
             io_w_mb_s: None,
@@ -171,6 +216,7 @@ impl From<&WorkerSample> for Worker {
             runq_waits_total: w.counters.runq_waits,
             ctx_switches_voluntary_total: w.counters.voluntary_switches,
             ctx_switches_involuntary_total: w.counters.involuntary_switches,
+            memory: w.memory.as_ref().map(WorkerMemory::from),
         }
     }
 }

@@ -12,7 +12,9 @@ use crate::{
     probes::{KernelReading, Probes, WorkerReading},
     sources::{
         cgroup::{self, Slice, WorkerCgroup},
-        procfs,
+        memory::{self, MemoryReading},
+        model::ModelNames,
+        procfs::{self, HostCpu},
     },
 };
 
@@ -33,6 +35,19 @@ pub struct WorkerSample {
     pub cpu_pct: Option<f64>,
     /// Run-queue wait over the interval, percent of one task waiting all the time.
     pub runq_wait_pct: Option<f64>,
+    /// `None` when it could not be read this time (the cause is logged).
+    pub memory: Option<MemoryReading>,
+    /// From the main process's command line; `None` until read, or when it names none.
+    pub model: Option<String>,
+}
+
+/// Host-wide figures.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostSample {
+    /// Busy share of all CPUs over the interval, 0..100.
+    pub cpu_pct: Option<f64>,
+    pub ram_total: Option<u64>,
+    pub ram_available: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +62,7 @@ pub struct Sample {
     /// between the lookups of a pass.
     pub interval_ns: u64,
     pub workers: Vec<WorkerSample>,
+    pub host: HostSample,
     pub probe_stats: ProbeStats,
 }
 
@@ -62,6 +78,10 @@ pub struct Sampler {
     filter: SliceFilter,
     prev: KernelReading,
     mains: HashMap<u64, MainProcess>,
+    models: ModelNames,
+    /// The v1 memory hierarchy, on a hybrid host.
+    v1_memory: Option<std::path::PathBuf>,
+    host_cpu: Option<HostCpu>,
     seq: u64,
     clk_tck: u64,
 }
@@ -82,6 +102,9 @@ impl Sampler {
             filter,
             prev,
             mains: HashMap::new(),
+            models: ModelNames::new(),
+            v1_memory: v1_memory_mount(),
+            host_cpu: procfs::host_cpu().ok(),
             seq: 0,
             clk_tck: procfs::clock_ticks_per_s(),
         })
@@ -115,6 +138,14 @@ impl Sampler {
                 }
             };
             let main = self.main_process(cg.id, &procs);
+            let memory = match memory::read(&cg.dir, &procs, main.map(|m| m.pid), self.v1_memory.as_deref()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    log::debug!("worker {}/{}: memory left out: {e}", cg.group, cg.instance);
+                    None
+                }
+            };
+            let model = main.and_then(|m| self.models.get((m.pid, m.start_ticks)));
             // A worker without a previous reading had no events before: it starts from zero
             // at the previous pass.
             let prev = self
@@ -134,6 +165,8 @@ impl Sampler {
                 at_ns: cur.at_ns,
                 cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
                 runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
+                memory,
+                model,
                 counters,
                 cgroup: cg,
             });
@@ -142,6 +175,9 @@ impl Sampler {
         let seen: HashSet<u64> = workers.iter().map(|w| w.cgroup.id).collect();
         self.forget_removed(&seen, &current);
         self.mains.retain(|id, _| seen.contains(id));
+        let live: HashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
+        self.models.retain(|k| live.contains(k));
+        let host = self.host();
         self.prev = KernelReading { at_ns: reading.at_ns, workers: current, stats: reading.stats };
         self.seq += 1;
         Ok(Sample {
@@ -150,6 +186,7 @@ impl Sampler {
             at_ns: reading.at_ns,
             interval_ns,
             workers,
+            host,
             probe_stats: reading.stats,
         })
     }
@@ -170,6 +207,20 @@ impl Sampler {
         }
     }
 
+    /// Host CPU over the interval since the last call, and memory now.
+    fn host(&mut self) -> HostSample {
+        let cpu = procfs::host_cpu().map_err(|e| log::debug!("host CPU left out: {e}")).ok();
+        let cpu_pct = match (self.host_cpu, cpu) {
+            (Some(a), Some(b)) if b.total > a.total => {
+                Some(b.busy.saturating_sub(a.busy) as f64 * 100.0 / (b.total - a.total) as f64)
+            }
+            _ => None,
+        };
+        self.host_cpu = cpu;
+        let memory = procfs::host_memory().map_err(|e| log::debug!("host memory left out: {e}")).ok();
+        HostSample { cpu_pct, ram_total: memory.map(|m| m.0), ram_available: memory.map(|m| m.1) }
+    }
+
     /// The oldest of `procs`, cached while it stays in the worker.
     fn main_process(&mut self, worker: u64, procs: &[u32]) -> Option<MainProcess> {
         if let Some(m) = self.mains.get(&worker) {
@@ -186,6 +237,16 @@ impl Sampler {
         self.mains.insert(worker, main);
         Some(main)
     }
+}
+
+/// Where the v1 memory controller is mounted, on a hybrid host (none on a unified one).
+fn v1_memory_mount() -> Option<std::path::PathBuf> {
+    if cgroup::is_cgroup2(std::path::Path::new("/sys/fs/cgroup")) {
+        return None;
+    }
+    cgroups_rs::fs::hierarchies::V1::new()
+        .get_mount_point(cgroups_rs::fs::Controllers::Mem)
+        .map(|(mount, _)| mount)
 }
 
 /// Percent of one unit over an interval: Δ`value` ns per Δwall ns × 100.

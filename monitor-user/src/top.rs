@@ -297,6 +297,7 @@ mod tests {
             runq_waits_total: 0,
             ctx_switches_voluntary_total: 0,
             ctx_switches_involuntary_total: 0,
+            memory: None,
         }
     }
 

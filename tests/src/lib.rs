@@ -180,27 +180,36 @@ pub struct Workload {
 impl Workload {
     /// Runs `exe ARGS…` with its first instruction already inside `cgroup`.
     pub fn start(exe: &str, cgroup: &Path, args: &[&str]) -> Self {
-        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap();
+        Self::start_in(exe, &[cgroup], args)
+    }
+
+    /// Runs `exe ARGS…` with its first instruction already inside each of `cgroups` (one per
+    /// hierarchy).
+    pub fn start_in(exe: &str, cgroups: &[&Path], args: &[&str]) -> Self {
+        let procs: Vec<CString> = cgroups
+            .iter()
+            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap())
+            .collect();
         let mut cmd = Command::new(exe);
         cmd.args(args);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if !ok {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
-                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                libc::close(fd);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
+                Ok(())
             });
         }
-        let child =
-            cmd.spawn().unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {}: {e}", cgroup.display()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {cgroups:?}: {e}"));
         Self { child }
     }
 

@@ -40,7 +40,7 @@ const REFERENCE_WORKER: [&str; 11] = [
     "io_w_mb_s",
 ];
 /// Reference fields this version does not collect yet: they must be null, never 0.
-const NOT_COLLECTED: [&str; 6] = ["rss_mb", "gpu_util_pct", "vram_mb", "model", "io_r_mb_s", "io_w_mb_s"];
+const NOT_COLLECTED: [&str; 4] = ["gpu_util_pct", "vram_mb", "io_r_mb_s", "io_w_mb_s"];
 
 fn daemon(args: &[&str]) -> Output {
     Command::new(DAEMON).args(args).stdin(Stdio::null()).output().expect("run hive-monitor")
@@ -55,7 +55,7 @@ fn run_prints_one_heartbeat_per_interval() {
     let busy_dir = cg.mkdir("rbee.slice/llm/8080");
     let idle_dir = cg.mkdir("rbee.slice/embed/9090");
     let busy = Workload::start(HM_LOAD, &busy_dir, &["busy", "1", "60"]);
-    let idle = Workload::start(HM_LOAD, &idle_dir, &["sleep", "60"]);
+    let idle = Workload::start(HM_LOAD, &idle_dir, &["sleep", "60", "--model", "tiny-embed"]);
     let root = cg.root.to_string_lossy().into_owned();
     let out = daemon(&[
         "run",
@@ -102,6 +102,14 @@ fn run_prints_one_heartbeat_per_interval() {
     assert_eq!((b["group"].as_str(), b["pid"].as_u64()), (Some("llm"), Some(busy.pid() as u64)));
     assert_eq!((i["group"].as_str(), i["pid"].as_u64()), (Some("embed"), Some(idle.pid() as u64)));
     assert!(b["cpu_pct"].as_f64().unwrap() > 50.0, "busy worker: {b}");
+    assert_eq!(i["model"], "tiny-embed", "read from the command line: {i}");
+    assert!(b["model"].is_null(), "a command line without a model names none: {b}");
+    assert!(b["rss_mb"].as_u64().is_some() && b["memory"]["current_bytes"].as_u64().unwrap() > 0, "{b}");
+    let hive = &beats[2]["hive"];
+    assert!(
+        hive["ram_total_gb"].as_f64().unwrap() > 0.0 && hive["cpu_usage_percent"].as_f64().is_some(),
+        "{hive}"
+    );
     assert!(i["cpu_pct"].as_f64().unwrap() < 5.0, "idle worker: {i}");
     assert!(b["cpu_ns_total"].as_u64().unwrap() > 0);
 }

@@ -33,6 +33,50 @@ pub fn boottime_s() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// Host-wide CPU time from the first line of `/proc/stat`, in clock ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCpu {
+    pub busy: u64,
+    pub total: u64,
+}
+
+pub fn host_cpu() -> Result<HostCpu> {
+    let text = std::fs::read_to_string("/proc/stat").map_err(|e| Error::io("/proc/stat", e))?;
+    parse_host_cpu(&text).ok_or_else(|| {
+        Error::io("/proc/stat", std::io::Error::new(std::io::ErrorKind::InvalidData, "no cpu line"))
+    })
+}
+
+/// `cpu user nice system idle iowait irq softirq steal …`: idle and iowait are not busy;
+/// guest time is already inside user and nice.
+fn parse_host_cpu(stat: &str) -> Option<HostCpu> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> =
+        line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some(HostCpu { busy: total - idle, total })
+}
+
+/// `MemTotal` and `MemAvailable` from `/proc/meminfo`, in bytes.
+pub fn host_memory() -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::io("/proc/meminfo", e))?;
+    let kb = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    match (kb("MemTotal:"), kb("MemAvailable:")) {
+        (Some(total), Some(available)) => Ok((total, available)),
+        _ => Err(Error::io(
+            "/proc/meminfo",
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "no MemTotal or MemAvailable"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +87,18 @@ mod tests {
         assert_eq!(parse_start_ticks(line), Some(987654));
         assert_eq!(parse_start_ticks("1 (x) S 0"), None);
         assert_eq!(parse_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn host_cpu_line() {
+        let stat = "cpu  100 5 50 800 20 3 2 10 0 0\ncpu0 1 2 3 4 5 6 7 8\n";
+        assert_eq!(parse_host_cpu(stat), Some(HostCpu { busy: 170, total: 990 }));
+        assert_eq!(parse_host_cpu("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_host_cpu("cpu  1 x 3 4\n"), None);
+        let live = host_cpu().unwrap();
+        assert!(live.busy <= live.total && live.total > 0);
+        let (total, available) = host_memory().unwrap();
+        assert!(available <= total && total > 0);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!   hm-load burst SECS               irregular busy bursts (5..200 ms) and pauses (5..300 ms)
 //!   hm-load forker SECS              forks short-lived children that spin ~3 ms and exit
 //!   hm-load sleep SECS               idle
+//!   hm-load alloc MIB SECS           touches MIB mebibytes of anonymous memory, then idles
+//!
+//! Arguments after these are ignored, so a test can add e.g. `--model NAME`.
 use std::time::{Duration, Instant};
 
 fn spin_for(d: Duration) {
@@ -80,6 +83,14 @@ fn main() {
             }
         }
         "sleep" => std::thread::sleep(Duration::from_secs(arg(&args, 1))),
+        "alloc" => {
+            let mut block = vec![0u8; (arg(&args, 1) as usize) << 20];
+            for page in block.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            std::hint::black_box(&block);
+            std::thread::sleep(Duration::from_secs(arg(&args, 2)));
+        }
         _ => usage(),
     }
 }
