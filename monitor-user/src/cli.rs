@@ -8,7 +8,7 @@ use crate::{
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
     probes::monotonic_ns,
-    sampler::Sampler,
+    sampler::{Sampler, SamplerOptions},
     sinks::stdout::Stdout,
     sources::cgroup::{self, Slice},
     spawn, top,
@@ -104,6 +104,19 @@ struct RunArgs {
     /// Identity of this host in heartbeats [default: the host name].
     #[arg(long)]
     hive_id: Option<String>,
+    /// NVML library to load instead of the system's libnvidia-ml.so.
+    #[arg(long)]
+    nvml_lib: Option<PathBuf>,
+    /// GPU utilisation (%) above which a pre-warm signal is sent (at most once a minute per device).
+    #[arg(long, default_value_t = 80.0, value_parser = parse_percent)]
+    prewarm_threshold: f64,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a percentage between 0 and 100")),
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -165,7 +178,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let slice = args.cgroup.slice()?;
     let identity = identity(args.hive_id);
 
-    let mut sampler = Sampler::new(slice)?;
+    let options = SamplerOptions { nvml_lib: args.nvml_lib, prewarm_threshold_pct: args.prewarm_threshold };
+    let mut sampler = Sampler::with_options(slice, options)?;
     log::info!(
         "probes attached; watching {} every {}",
         sampler.slice().dir().display(),

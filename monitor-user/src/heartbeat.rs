@@ -3,8 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    sampler::{Sample, WorkerSample},
+    sampler::{Prewarm, Sample, WorkerSample},
     sources::memory::{MemoryReading, Origin},
+    sources::nvml::DeviceReading,
 };
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -23,7 +24,65 @@ pub struct Heartbeat {
     /// RFC 3339, UTC, seconds.
     pub timestamp: String,
     pub workers: Vec<Worker>,
+    /// GPU-pressure signals: a device above the utilisation threshold, at most once a
+    /// minute per device. Usually empty.
+    pub prewarm: Vec<PrewarmSignal>,
     pub collector: Collector,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrewarmSignal {
+    pub device_index: u32,
+    pub uuid: Option<String>,
+    pub gpu_utilization_percent: f64,
+    pub temperature_c: Option<u32>,
+    pub reason: String,
+}
+
+/// One GPU: the reference fields, then extensions.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceVitals {
+    pub device_index: u32,
+    pub vram_used_gb: Option<f64>,
+    pub vram_total_gb: Option<f64>,
+    /// VRAM used, percent of total.
+    pub vram_utilization_percent: Option<f64>,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    pub gpu_utilization_percent: Option<f64>,
+    pub temperature_c: Option<u32>,
+}
+
+impl From<&DeviceReading> for DeviceVitals {
+    fn from(d: &DeviceReading) -> Self {
+        DeviceVitals {
+            device_index: d.index,
+            vram_used_gb: d.memory_used.map(|b| round(b as f64 / GIB, 3)),
+            vram_total_gb: d.memory_total.map(|b| round(b as f64 / GIB, 3)),
+            vram_utilization_percent: d
+                .memory_used
+                .zip(d.memory_total)
+                .filter(|(_, t)| *t > 0)
+                .map(|(u, t)| round(u as f64 * 100.0 / t as f64, 2)),
+            name: d.name.clone(),
+            uuid: d.uuid.clone(),
+            gpu_utilization_percent: d.utilization_pct.map(f64::from),
+            temperature_c: d.temperature_c,
+        }
+    }
+}
+
+impl From<&Prewarm> for PrewarmSignal {
+    fn from(p: &Prewarm) -> Self {
+        let util = p.device.utilization_pct.map_or(0.0, f64::from);
+        PrewarmSignal {
+            device_index: p.device.index,
+            uuid: p.device.uuid.clone(),
+            gpu_utilization_percent: util,
+            temperature_c: p.device.temperature_c,
+            reason: format!("GPU {} utilisation {util}% above {}%", p.device.index, p.threshold_pct),
+        }
+    }
 }
 
 /// Identity and host vitals of this host.
@@ -38,7 +97,8 @@ pub struct Hive {
     pub cpu_usage_percent: Option<f64>,
     pub ram_used_gb: Option<f64>,
     pub ram_total_gb: Option<f64>,
-    pub vram_per_device: Option<Vec<serde_json::Value>>,
+    /// `null` when GPU figures are unavailable (no NVML).
+    pub vram_per_device: Option<Vec<DeviceVitals>>,
     /// Seconds this daemon has been running.
     pub uptime_seconds: u64,
 }
@@ -72,6 +132,16 @@ pub struct Worker {
     pub ctx_switches_voluntary_total: u64,
     pub ctx_switches_involuntary_total: u64,
     pub memory: Option<WorkerMemory>,
+    /// Per device the worker is on; `null` when GPU figures are unavailable.
+    pub gpus: Option<Vec<WorkerGpuDevice>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerGpuDevice {
+    pub device_index: u32,
+    pub vram_bytes: u64,
+    /// Mean SM utilisation of the worker's processes on this device over the interval.
+    pub sm_util_pct: Option<f64>,
 }
 
 /// A worker's memory breakdown, bytes.
@@ -168,18 +238,19 @@ impl Heartbeat {
                     .zip(sample.host.ram_available)
                     .map(|(t, a)| round(t.saturating_sub(a) as f64 / GIB, 3)),
                 ram_total_gb: sample.host.ram_total.map(|t| round(t as f64 / GIB, 3)),
-                vram_per_device: None,
+                vram_per_device: sample.gpus.as_ref().map(|d| d.iter().map(DeviceVitals::from).collect()),
                 uptime_seconds,
             },
             timestamp: humantime::format_rfc3339_seconds(sample.wall).to_string(),
             workers: sample.workers.iter().map(Worker::from).collect(),
+            prewarm: sample.prewarm.iter().map(PrewarmSignal::from).collect(),
             collector: Collector {
                 cpu: Source::Ebpf,
                 runq: Source::Ebpf,
                 ctx_switches: Source::Ebpf,
                 memory: Source::Cgroup,
                 io: Source::Unavailable,
-                gpu: Source::Unavailable,
+                gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
                 model: Source::Procfs,
                 host: Source::Procfs,
                 probes: ProbeHealth {
@@ -201,8 +272,8 @@ impl From<&WorkerSample> for Worker {
             instance: w.cgroup.instance.clone(),
             cpu_pct: w.cpu_pct.map(|v| round(v, 2)),
             rss_mb: w.memory.map(|m| (m.current as f64 / MIB).round() as u64),
-            gpu_util_pct: None,
-            vram_mb: None,
+            gpu_util_pct: w.gpu.as_ref().and_then(|g| g.sm_util_pct).map(|v| round(v, 2)),
+            vram_mb: w.gpu.as_ref().map(|g| (g.vram_bytes as f64 / MIB).round() as u64),
             model: w.model.clone(),
             uptime_s: w.uptime_s,
             io_r_mb_s: None,
@@ -217,6 +288,16 @@ impl From<&WorkerSample> for Worker {
             ctx_switches_voluntary_total: w.counters.voluntary_switches,
             ctx_switches_involuntary_total: w.counters.involuntary_switches,
             memory: w.memory.as_ref().map(WorkerMemory::from),
+            gpus: w.gpu.as_ref().map(|g| {
+                g.devices
+                    .iter()
+                    .map(|&(device_index, vram_bytes, sm)| WorkerGpuDevice {
+                        device_index,
+                        vram_bytes,
+                        sm_util_pct: sm.map(|v| round(v, 2)),
+                    })
+                    .collect()
+            }),
         }
     }
 }

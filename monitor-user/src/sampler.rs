@@ -14,6 +14,7 @@ use crate::{
         cgroup::{self, Slice, WorkerCgroup},
         memory::{self, MemoryReading},
         model::ModelNames,
+        nvml::{DeviceReading, GpuReading, Gpus},
         procfs::{self, HostCpu},
     },
 };
@@ -39,7 +40,47 @@ pub struct WorkerSample {
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
     pub model: Option<String>,
+    /// `None` when GPU figures are unavailable (no NVML).
+    pub gpu: Option<WorkerGpu>,
 }
+
+/// A worker's GPU use, over its processes and devices.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerGpu {
+    /// Summed over the processes the driver reports memory for.
+    pub vram_bytes: u64,
+    /// Summed per-device SM utilisation (100 = one device fully busy); `None` when the
+    /// worker is on no GPU, or on none that reports per-process utilisation.
+    pub sm_util_pct: Option<f64>,
+    /// Per device it is on: (index, VRAM bytes, SM utilisation %).
+    pub devices: Vec<(u32, u64, Option<f64>)>,
+}
+
+/// A device's utilisation crossed the threshold: the coordinator may want to pre-warm
+/// capacity elsewhere. Sent at most once a minute per device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prewarm {
+    pub device: DeviceReading,
+    pub threshold_pct: f64,
+}
+
+/// Settings of a sampler beyond its slice.
+#[derive(Clone, Debug)]
+pub struct SamplerOptions {
+    /// An NVML library to use instead of the system's `libnvidia-ml.so`.
+    pub nvml_lib: Option<std::path::PathBuf>,
+    /// GPU utilisation above which a pre-warm signal is sent.
+    pub prewarm_threshold_pct: f64,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self { nvml_lib: None, prewarm_threshold_pct: 80.0 }
+    }
+}
+
+/// The shortest time between two pre-warm signals for one device.
+const PREWARM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Host-wide figures.
 #[derive(Clone, Copy, Debug, Default)]
@@ -63,6 +104,9 @@ pub struct Sample {
     pub interval_ns: u64,
     pub workers: Vec<WorkerSample>,
     pub host: HostSample,
+    /// `None` when GPU figures are unavailable (no NVML).
+    pub gpus: Option<Vec<DeviceReading>>,
+    pub prewarm: Vec<Prewarm>,
     pub probe_stats: ProbeStats,
 }
 
@@ -82,6 +126,10 @@ pub struct Sampler {
     /// The v1 memory hierarchy, on a hybrid host.
     v1_memory: Option<std::path::PathBuf>,
     host_cpu: Option<HostCpu>,
+    gpus: Option<Gpus>,
+    prewarm_threshold_pct: f64,
+    /// Device index → when its last pre-warm signal went out.
+    prewarmed: HashMap<u32, std::time::Instant>,
     seq: u64,
     clk_tck: u64,
 }
@@ -89,6 +137,10 @@ pub struct Sampler {
 impl Sampler {
     /// Loads the probes for `slice` and takes the baseline reading the first rates start from.
     pub fn new(slice: Slice) -> Result<Self> {
+        Self::with_options(slice, SamplerOptions::default())
+    }
+
+    pub fn with_options(slice: Slice, options: SamplerOptions) -> Result<Self> {
         let mut probes = Probes::load(slice.level())?;
         let filter = slice.filter();
         probes.set_slice(filter)?;
@@ -105,6 +157,9 @@ impl Sampler {
             models: ModelNames::new(),
             v1_memory: v1_memory_mount(),
             host_cpu: procfs::host_cpu().ok(),
+            gpus: Gpus::open(options.nvml_lib.as_deref()),
+            prewarm_threshold_pct: options.prewarm_threshold_pct,
+            prewarmed: HashMap::new(),
             seq: 0,
             clk_tck: procfs::clock_ticks_per_s(),
         })
@@ -126,6 +181,7 @@ impl Sampler {
         let reading = self.probes.read()?;
         let interval_ns = reading.at_ns.saturating_sub(self.prev.at_ns);
         let boottime_s = procfs::boottime_s();
+        let gpu = self.gpus.as_mut().map(Gpus::read);
 
         let mut current = reading.workers;
         let mut workers = Vec::with_capacity(cgroups.len());
@@ -146,6 +202,7 @@ impl Sampler {
                 }
             };
             let model = main.and_then(|m| self.models.get((m.pid, m.start_ticks)));
+            let worker_gpu = gpu.as_ref().map(|g| worker_gpu(g, &procs));
             // A worker without a previous reading had no events before: it starts from zero
             // at the previous pass.
             let prev = self
@@ -167,6 +224,7 @@ impl Sampler {
                 runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
                 memory,
                 model,
+                gpu: worker_gpu,
                 counters,
                 cgroup: cg,
             });
@@ -178,6 +236,7 @@ impl Sampler {
         let live: HashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
         self.models.retain(|k| live.contains(k));
         let host = self.host();
+        let prewarm = gpu.as_ref().map(|g| self.prewarm(&g.devices)).unwrap_or_default();
         self.prev = KernelReading { at_ns: reading.at_ns, workers: current, stats: reading.stats };
         self.seq += 1;
         Ok(Sample {
@@ -187,6 +246,8 @@ impl Sampler {
             interval_ns,
             workers,
             host,
+            gpus: gpu.map(|g| g.devices),
+            prewarm,
             probe_stats: reading.stats,
         })
     }
@@ -205,6 +266,20 @@ impl Sampler {
                 log::warn!("{e}");
             }
         }
+    }
+
+    /// Devices above the threshold that have not had a signal within the last minute.
+    fn prewarm(&mut self, devices: &[DeviceReading]) -> Vec<Prewarm> {
+        let mut out = Vec::new();
+        for d in devices {
+            let hot = d.utilization_pct.is_some_and(|u| f64::from(u) > self.prewarm_threshold_pct);
+            let recent = self.prewarmed.get(&d.index).is_some_and(|at| at.elapsed() < PREWARM_EVERY);
+            if hot && !recent {
+                self.prewarmed.insert(d.index, std::time::Instant::now());
+                out.push(Prewarm { device: d.clone(), threshold_pct: self.prewarm_threshold_pct });
+            }
+        }
+        out
     }
 
     /// Host CPU over the interval since the last call, and memory now.
@@ -236,6 +311,29 @@ impl Sampler {
             .min_by_key(|m| (m.start_ticks, m.pid))?;
         self.mains.insert(worker, main);
         Some(main)
+    }
+}
+
+/// A worker's share of the GPUs: its processes' entries, summed.
+fn worker_gpu(gpu: &GpuReading, procs: &[u32]) -> WorkerGpu {
+    let mut devices: Vec<(u32, u64, Option<f64>)> = Vec::new();
+    for on in procs.iter().filter_map(|pid| gpu.processes.get(pid)).flatten() {
+        let i = match devices.iter().position(|d| d.0 == on.device) {
+            Some(i) => i,
+            None => {
+                devices.push((on.device, 0, Some(0.0)));
+                devices.len() - 1
+            }
+        };
+        devices[i].1 += on.vram_bytes.unwrap_or(0);
+        devices[i].2 = devices[i].2.zip(on.sm_util_pct).map(|(a, b)| a + b);
+    }
+    devices.sort_by_key(|d| d.0);
+    let utils: Vec<f64> = devices.iter().filter_map(|d| d.2).collect();
+    WorkerGpu {
+        vram_bytes: devices.iter().map(|d| d.1).sum(),
+        sm_util_pct: (!utils.is_empty()).then(|| utils.iter().sum()),
+        devices,
     }
 }
 

@@ -298,6 +298,7 @@ mod tests {
             ctx_switches_voluntary_total: 0,
             ctx_switches_involuntary_total: 0,
             memory: None,
+            gpus: None,
         }
     }
 
@@ -326,6 +327,7 @@ mod tests {
                 worker("embed", "9090", 202, Some(3.25), 7.5),
                 worker("llm", "8081", 303, None, 0.0),
             ],
+            prewarm: vec![],
             collector: Collector {
                 cpu: Source::Ebpf,
                 runq: Source::Ebpf,

@@ -294,3 +294,11 @@ pub fn sched_figures(pid: u32) -> (u64, u64, u64) {
     }
     totals
 }
+
+/// The scripted NVML library (`nvml-stub`), built beside the test binaries.
+pub fn nvml_stub() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let lib = exe.parent().expect("deps directory").join("libnvidia_ml.so");
+    assert!(lib.exists(), "{} missing: it is built with the tests package", lib.display());
+    lib
+}

@@ -2,4 +2,5 @@
 pub mod cgroup;
 pub mod memory;
 pub mod model;
+pub mod nvml;
 pub mod procfs;
