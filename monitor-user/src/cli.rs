@@ -110,6 +110,9 @@ struct RunArgs {
     /// GPU utilisation (%) above which a pre-warm signal is sent (at most once a minute per device).
     #[arg(long, default_value_t = 80.0, value_parser = parse_percent)]
     prewarm_threshold: f64,
+    /// Directory the models are stored in; its file system's usage goes in each heartbeat.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -178,7 +181,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let slice = args.cgroup.slice()?;
     let identity = identity(args.hive_id);
 
-    let options = SamplerOptions { nvml_lib: args.nvml_lib, prewarm_threshold_pct: args.prewarm_threshold };
+    let options = SamplerOptions {
+        nvml_lib: args.nvml_lib,
+        prewarm_threshold_pct: args.prewarm_threshold,
+        model_dir: args.model_dir,
+    };
     let mut sampler = Sampler::with_options(slice, options)?;
     log::info!(
         "probes attached; watching {} every {}",

@@ -101,6 +101,14 @@ pub struct Hive {
     pub vram_per_device: Option<Vec<DeviceVitals>>,
     /// Seconds this daemon has been running.
     pub uptime_seconds: u64,
+    /// The file system holding the model directory; `null` when none is configured.
+    pub model_dir_disk: Option<DiskUsage>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub used_gb: f64,
+    pub total_gb: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -240,6 +248,10 @@ impl Heartbeat {
                 ram_total_gb: sample.host.ram_total.map(|t| round(t as f64 / GIB, 3)),
                 vram_per_device: sample.gpus.as_ref().map(|d| d.iter().map(DeviceVitals::from).collect()),
                 uptime_seconds,
+                model_dir_disk: sample.host.model_dir_disk.map(|(used, total)| DiskUsage {
+                    used_gb: round(used as f64 / GIB, 3),
+                    total_gb: round(total as f64 / GIB, 3),
+                }),
             },
             timestamp: humantime::format_rfc3339_seconds(sample.wall).to_string(),
             workers: sample.workers.iter().map(Worker::from).collect(),

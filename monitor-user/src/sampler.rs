@@ -71,11 +71,13 @@ pub struct SamplerOptions {
     pub nvml_lib: Option<std::path::PathBuf>,
     /// GPU utilisation above which a pre-warm signal is sent.
     pub prewarm_threshold_pct: f64,
+    /// The directory models are stored in, whose file system's usage is reported.
+    pub model_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        Self { nvml_lib: None, prewarm_threshold_pct: 80.0 }
+        Self { nvml_lib: None, prewarm_threshold_pct: 80.0, model_dir: None }
     }
 }
 
@@ -89,6 +91,8 @@ pub struct HostSample {
     pub cpu_pct: Option<f64>,
     pub ram_total: Option<u64>,
     pub ram_available: Option<u64>,
+    /// Used and total bytes of the file system holding the model directory, if configured.
+    pub model_dir_disk: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +132,7 @@ pub struct Sampler {
     host_cpu: Option<HostCpu>,
     gpus: Option<Gpus>,
     prewarm_threshold_pct: f64,
+    model_dir: Option<std::path::PathBuf>,
     /// Device index → when its last pre-warm signal went out.
     prewarmed: HashMap<u32, std::time::Instant>,
     seq: u64,
@@ -159,6 +164,7 @@ impl Sampler {
             host_cpu: procfs::host_cpu().ok(),
             gpus: Gpus::open(options.nvml_lib.as_deref()),
             prewarm_threshold_pct: options.prewarm_threshold_pct,
+            model_dir: options.model_dir,
             prewarmed: HashMap::new(),
             seq: 0,
             clk_tck: procfs::clock_ticks_per_s(),
@@ -293,7 +299,15 @@ impl Sampler {
         };
         self.host_cpu = cpu;
         let memory = procfs::host_memory().map_err(|e| log::debug!("host memory left out: {e}")).ok();
-        HostSample { cpu_pct, ram_total: memory.map(|m| m.0), ram_available: memory.map(|m| m.1) }
+        let model_dir_disk = self.model_dir.as_deref().and_then(|dir| {
+            procfs::disk_usage(dir).map_err(|e| log::debug!("model directory disk usage left out: {e}")).ok()
+        });
+        HostSample {
+            cpu_pct,
+            ram_total: memory.map(|m| m.0),
+            ram_available: memory.map(|m| m.1),
+            model_dir_disk,
+        }
     }
 
     /// The oldest of `procs`, cached while it stays in the worker.

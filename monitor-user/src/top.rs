@@ -320,6 +320,7 @@ mod tests {
                 ram_total_gb: None,
                 vram_per_device: None,
                 uptime_seconds: 60,
+                model_dir_disk: None,
             },
             timestamp: "2026-11-24T10:00:00Z".into(),
             workers: vec![

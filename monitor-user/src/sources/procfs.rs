@@ -77,6 +77,20 @@ pub fn host_memory() -> Result<(u64, u64)> {
     }
 }
 
+/// Used and total bytes of the file system holding `path` (`statvfs`), as `df` counts them.
+pub fn disk_usage(path: &std::path::Path) -> Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path")))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    let frsize = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * frsize;
+    Ok((total - st.f_bfree as u64 * frsize, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +113,13 @@ mod tests {
         assert!(live.busy <= live.total && live.total > 0);
         let (total, available) = host_memory().unwrap();
         assert!(available <= total && total > 0);
+    }
+
+    #[test]
+    fn disk_usage_of_root() {
+        let (used, total) = disk_usage(std::path::Path::new("/")).unwrap();
+        assert!(used <= total && total > 0);
+        assert!(disk_usage(std::path::Path::new("/no/such/dir")).is_err());
     }
 
     #[test]
