@@ -9,7 +9,7 @@ use crate::{
     heartbeat::{Heartbeat, HiveIdentity},
     probes::monotonic_ns,
     sampler::{Sampler, SamplerOptions},
-    sinks::stdout::Stdout,
+    sinks::{coordinator::Coordinator, stdout::Stdout},
     sources::cgroup::{self, Slice},
     spawn, top,
 };
@@ -113,6 +113,39 @@ struct RunArgs {
     /// Directory the models are stored in; its file system's usage goes in each heartbeat.
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// POST heartbeats to `URL/v1/hive-heartbeat` instead of printing them.
+    #[arg(long, value_name = "URL")]
+    coordinator: Option<String>,
+    /// File holding the bearer token for the coordinator.
+    #[arg(long, requires = "coordinator")]
+    token_file: Option<PathBuf>,
+    /// Timeout of each request to the coordinator.
+    #[arg(long, default_value = "5s", value_parser = parse_interval)]
+    timeout: Duration,
+}
+
+/// The bounds within which a coordinator's `next_interval_ms` is honoured.
+const ACK_INTERVAL_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
+
+/// Where heartbeats go.
+enum Sink {
+    Stdout(Stdout),
+    Coordinator(Coordinator),
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, Error> {
+    let token = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let token = token.trim();
+    if token.is_empty() || token.contains(['\r', '\n']) {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the token file must hold one non-empty line",
+            ),
+        ));
+    }
+    Ok(token.to_string())
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -192,8 +225,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
         sampler.slice().dir().display(),
         humantime::format_duration(args.interval)
     );
-    let mut sink = Stdout::new();
-    let interval_ns = args.interval.as_nanos() as u64;
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let mut sink = match &args.coordinator {
+        Some(url) => Sink::Coordinator(Coordinator::start(url, token, args.timeout)?),
+        None => Sink::Stdout(Stdout::new()),
+    };
+    let mut interval_ns = args.interval.as_nanos() as u64;
+    let mut server_status: Option<String> = None;
     let started = monotonic_ns();
     let mut deadline = started;
     let mut sent = 0u64;
@@ -207,11 +245,31 @@ fn run(args: RunArgs) -> Result<(), Error> {
         std::thread::sleep(Duration::from_nanos(deadline - now));
         let sample = sampler.sample()?;
         let heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
-        if let Err(e) = sink.send(&heartbeat) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(());
+        match &mut sink {
+            Sink::Stdout(out) => match out.send(&heartbeat) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(Error::io("standard output", e)),
+                Ok(()) => {}
+            },
+            Sink::Coordinator(c) => {
+                c.send(&heartbeat);
+                if let Some(ack) = c.take_ack() {
+                    if ack.server_status.is_some() && ack.server_status != server_status {
+                        log::info!("coordinator status: {}", ack.server_status.as_deref().unwrap_or("?"));
+                        server_status = ack.server_status;
+                    }
+                    match ack.next_interval_ms {
+                        Some(ms) if ACK_INTERVAL_MS.contains(&ms) && ms * 1_000_000 != interval_ns => {
+                            log::info!("coordinator asks for a heartbeat every {ms} ms");
+                            interval_ns = ms * 1_000_000;
+                        }
+                        Some(ms) if !ACK_INTERVAL_MS.contains(&ms) => {
+                            log::warn!("coordinator asked for next_interval_ms {ms}, outside {ACK_INTERVAL_MS:?}; ignored")
+                        }
+                        _ => {}
+                    }
+                }
             }
-            return Err(Error::io("standard output", e));
         }
         sent += 1;
     }

@@ -63,6 +63,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("coordinator {url}: {reason}")]
+    Coordinator { url: String, reason: String },
+
     #[error("daemon pull API {url}: {reason}")]
     Pull { url: String, reason: String },
 

@@ -1,2 +1,3 @@
 //! Where heartbeats go.
+pub mod coordinator;
 pub mod stdout;
