@@ -9,7 +9,7 @@ use crate::{
     heartbeat::{Heartbeat, HiveIdentity},
     probes::monotonic_ns,
     sampler::{Sampler, SamplerOptions},
-    sinks::{coordinator::Coordinator, stdout::Stdout},
+    sinks::{api::PullApi, coordinator::Coordinator, stdout::Stdout},
     sources::cgroup::{self, Slice},
     spawn, top,
 };
@@ -122,6 +122,13 @@ struct RunArgs {
     /// Timeout of each request to the coordinator.
     #[arg(long, default_value = "5s", value_parser = parse_interval)]
     timeout: Duration,
+    /// Where the pull API (/v1/heartbeat, /v1/capabilities, /metrics, /healthz) listens;
+    /// port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:7835")]
+    listen: std::net::SocketAddr,
+    /// File holding the bearer token the pull API requires; needed off loopback.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
 }
 
 /// The bounds within which a coordinator's `next_interval_ms` is honoured.
@@ -219,13 +226,15 @@ fn run(args: RunArgs) -> Result<(), Error> {
         prewarm_threshold_pct: args.prewarm_threshold,
         model_dir: args.model_dir,
     };
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let api_token = args.api_token_file.as_deref().map(read_token).transpose()?;
     let mut sampler = Sampler::with_options(slice, options)?;
+    let api = PullApi::start(args.listen, api_token)?;
     log::info!(
         "probes attached; watching {} every {}",
         sampler.slice().dir().display(),
         humantime::format_duration(args.interval)
     );
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
     let mut sink = match &args.coordinator {
         Some(url) => Sink::Coordinator(Coordinator::start(url, token, args.timeout)?),
         None => Sink::Stdout(Stdout::new()),
@@ -245,6 +254,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         std::thread::sleep(Duration::from_nanos(deadline - now));
         let sample = sampler.sample()?;
         let heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
+        api.publish(&heartbeat);
         match &mut sink {
             Sink::Stdout(out) => match out.send(&heartbeat) {
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),

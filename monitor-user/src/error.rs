@@ -63,6 +63,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("pull API on {addr}: {reason}")]
+    Api { addr: std::net::SocketAddr, reason: String },
+
     #[error("coordinator {url}: {reason}")]
     Coordinator { url: String, reason: String },
 

@@ -83,6 +83,7 @@ fn run_daemon(cg: &TestCgroup, url: &str, extra: &[&str]) -> (std::process::Outp
     let started = Instant::now();
     let out = Command::new(DAEMON)
         .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--coordinator", url])
+        .args(["--listen", "127.0.0.1:0"])
         .args(extra)
         .stdin(Stdio::null())
         .output()

@@ -1,3 +1,4 @@
 //! Where heartbeats go.
+pub mod api;
 pub mod coordinator;
 pub mod stdout;

@@ -1,0 +1,302 @@
+//! The pull side: `GET /v1/heartbeat`, `/v1/capabilities`, `/metrics` (OpenMetrics text,
+//! which Prometheus scrapes, encoded by prometheus-client) and `/healthz`, served from the latest heartbeat on a thread of its own (axum on
+//! a one-thread tokio runtime). Off loopback every request needs the bearer token.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use axum::{
+    extract::{DefaultBodyLimit, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::{
+    error::{Error, Result},
+    heartbeat::Heartbeat,
+};
+
+/// Requests carry no body worth having; anything larger is refused.
+const MAX_BODY: usize = 1024;
+
+#[derive(Clone)]
+struct Shared {
+    latest: Arc<RwLock<Option<Arc<Heartbeat>>>>,
+    token: Option<Arc<str>>,
+}
+
+pub struct PullApi {
+    latest: Arc<RwLock<Option<Arc<Heartbeat>>>>,
+    pub addr: SocketAddr,
+}
+
+impl PullApi {
+    /// Binds `addr` and serves from a background thread. A non-loopback address needs a
+    /// token.
+    pub fn start(addr: SocketAddr, token: Option<String>) -> Result<Self> {
+        if !addr.ip().is_loopback() && token.is_none() {
+            return Err(Error::Api {
+                addr,
+                reason: "a pull API off loopback needs a token (--api-token-file)".into(),
+            });
+        }
+        let api_err = |reason: String| Error::Api { addr, reason };
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| api_err(e.to_string()))?;
+        listener.set_nonblocking(true).map_err(|e| api_err(e.to_string()))?;
+        let bound = listener.local_addr().map_err(|e| api_err(e.to_string()))?;
+        let shared = Shared { latest: Arc::new(RwLock::new(None)), token: token.map(Into::into) };
+        let latest = Arc::clone(&shared.latest);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| api_err(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("pull-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let app = Router::new()
+                        .route("/healthz", get(|| async { "ok\n" }))
+                        .route("/v1/heartbeat", get(heartbeat))
+                        .route("/v1/capabilities", get(capabilities))
+                        .route("/metrics", get(metrics))
+                        .layer(middleware::from_fn_with_state(shared.clone(), authorize))
+                        .layer(DefaultBodyLimit::max(MAX_BODY))
+                        .with_state(shared);
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            if let Err(e) = axum::serve(l, app).await {
+                                log::error!("pull API on {bound} stopped: {e}");
+                            }
+                        }
+                        Err(e) => log::error!("pull API on {bound}: {e}"),
+                    }
+                })
+            })
+            .map_err(|e| api_err(e.to_string()))?;
+        log::info!("pull API on http://{bound}");
+        Ok(Self { latest, addr: bound })
+    }
+
+    /// Makes `heartbeat` the one served.
+    pub fn publish(&self, heartbeat: &Heartbeat) {
+        *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(heartbeat.clone()));
+    }
+}
+
+async fn authorize(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &shared.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "token required\n")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn latest(shared: &Shared) -> Option<Arc<Heartbeat>> {
+    shared.latest.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn not_yet() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "no heartbeat yet\n").into_response()
+}
+
+async fn heartbeat(State(shared): State<Shared>) -> Response {
+    match latest(&shared) {
+        Some(hb) => Json(&*hb).into_response(),
+        None => not_yet(),
+    }
+}
+
+#[derive(Serialize)]
+struct Capabilities {
+    hive_id: String,
+    cpu_cores: usize,
+    ram_total_gb: Option<f64>,
+    /// `null` when GPU figures are unavailable.
+    gpus: Option<Vec<GpuCapability>>,
+}
+
+#[derive(Serialize)]
+struct GpuCapability {
+    device_index: u32,
+    name: Option<String>,
+    uuid: Option<String>,
+    vram_total_gb: Option<f64>,
+    vram_free_gb: Option<f64>,
+}
+
+async fn capabilities(State(shared): State<Shared>) -> Response {
+    let Some(hb) = latest(&shared) else { return not_yet() };
+    let gpus = hb.hive.vram_per_device.as_ref().map(|devices| {
+        devices
+            .iter()
+            .map(|d| GpuCapability {
+                device_index: d.device_index,
+                name: d.name.clone(),
+                uuid: d.uuid.clone(),
+                vram_total_gb: d.vram_total_gb,
+                vram_free_gb: d
+                    .vram_total_gb
+                    .zip(d.vram_used_gb)
+                    .map(|(t, u)| ((t - u) * 1000.0).round() / 1000.0),
+            })
+            .collect()
+    });
+    Json(Capabilities {
+        hive_id: hb.hive.id.clone(),
+        cpu_cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ram_total_gb: hb.hive.ram_total_gb,
+        gpus,
+    })
+    .into_response()
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    group: String,
+    instance: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SwitchLabels {
+    group: String,
+    instance: String,
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    device: String,
+    uuid: String,
+}
+
+/// The latest heartbeat in Prometheus text format. Only figures present are exported: a
+/// missing one is a missing series, never a 0.
+async fn metrics(State(shared): State<Shared>) -> Response {
+    let Some(hb) = latest(&shared) else { return not_yet() };
+    let mut body = String::new();
+    if let Err(e) = encode(&mut body, &registry(&hb)) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+        .into_response()
+}
+
+type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
+
+fn registry(hb: &Heartbeat) -> Registry {
+    let mut r = Registry::with_prefix("hive");
+    let gauge = |r: &mut Registry, name: &str, help: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            let g = F64Gauge::default();
+            g.set(v);
+            r.register(name, help, g);
+        }
+    };
+    gauge(
+        &mut r,
+        "host_cpu_percent",
+        "Busy share of all CPUs over the last interval",
+        hb.hive.cpu_usage_percent,
+    );
+    gauge(&mut r, "host_ram_used_gigabytes", "RAM in use (GiB)", hb.hive.ram_used_gb);
+    gauge(&mut r, "host_ram_total_gigabytes", "RAM installed (GiB)", hb.hive.ram_total_gb);
+    gauge(
+        &mut r,
+        "heartbeat_seq",
+        "Sequence number of the heartbeat these figures come from",
+        Some(hb.seq as f64),
+    );
+
+    let cpu_pct = Family::<WorkerLabels, F64Gauge>::default();
+    let mem = Family::<WorkerLabels, F64Gauge>::default();
+    let vram = Family::<WorkerLabels, F64Gauge>::default();
+    let gpu_pct = Family::<WorkerLabels, F64Gauge>::default();
+    let cpu_s = Family::<WorkerLabels, F64Counter>::default();
+    let runq_s = Family::<WorkerLabels, F64Counter>::default();
+    let switches = Family::<SwitchLabels, Counter<u64>>::default();
+    for w in &hb.workers {
+        let l = WorkerLabels {
+            group: w.group.clone(),
+            instance: w.instance.clone(),
+            model: w.model.clone().unwrap_or_default(),
+        };
+        if let Some(v) = w.cpu_pct {
+            cpu_pct.get_or_create(&l).set(v);
+        }
+        if let Some(m) = &w.memory {
+            mem.get_or_create(&l).set(m.current_bytes as f64);
+        }
+        if let Some(v) = w.vram_mb {
+            vram.get_or_create(&l).set((v << 20) as f64);
+        }
+        if let Some(v) = w.gpu_util_pct {
+            gpu_pct.get_or_create(&l).set(v);
+        }
+        cpu_s.get_or_create(&l).inc_by(w.cpu_ns_total as f64 / 1e9);
+        runq_s.get_or_create(&l).inc_by(w.runq_wait_ns_total as f64 / 1e9);
+        for (kind, n) in
+            [("voluntary", w.ctx_switches_voluntary_total), ("involuntary", w.ctx_switches_involuntary_total)]
+        {
+            let s = SwitchLabels {
+                group: l.group.clone(),
+                instance: l.instance.clone(),
+                model: l.model.clone(),
+                kind,
+            };
+            switches.get_or_create(&s).inc_by(n);
+        }
+    }
+    r.register("worker_cpu_percent", "Worker on-CPU time over the last interval (100 = one core)", cpu_pct);
+    r.register("worker_cpu_seconds", "Worker on-CPU time charged by the kernel", cpu_s);
+    r.register("worker_runq_wait_seconds", "Time worker tasks were runnable but not running", runq_s);
+    r.register("worker_context_switches", "Worker context switches", switches);
+    r.register("worker_memory_bytes", "Worker memory (its memory cgroup, or summed RSS)", mem);
+    r.register("worker_vram_bytes", "Worker VRAM over its processes and devices", vram);
+    r.register("worker_gpu_util_percent", "Worker SM utilisation summed over devices", gpu_pct);
+
+    let dev_util = Family::<DeviceLabels, F64Gauge>::default();
+    let dev_used = Family::<DeviceLabels, F64Gauge>::default();
+    let dev_total = Family::<DeviceLabels, F64Gauge>::default();
+    for d in hb.hive.vram_per_device.iter().flatten() {
+        let l = DeviceLabels { device: d.device_index.to_string(), uuid: d.uuid.clone().unwrap_or_default() };
+        if let Some(v) = d.gpu_utilization_percent {
+            dev_util.get_or_create(&l).set(v);
+        }
+        if let Some(v) = d.vram_used_gb {
+            dev_used.get_or_create(&l).set(v);
+        }
+        if let Some(v) = d.vram_total_gb {
+            dev_total.get_or_create(&l).set(v);
+        }
+    }
+    r.register("gpu_utilization_percent", "GPU utilisation", dev_util);
+    r.register("gpu_vram_used_gigabytes", "GPU memory in use (GiB)", dev_used);
+    r.register("gpu_vram_total_gigabytes", "GPU memory installed (GiB)", dev_total);
+    r
+}
