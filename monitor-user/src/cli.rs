@@ -34,6 +34,8 @@ enum Command {
     /// A live table of the workers: from the local daemon's pull API when it answers,
     /// else from probes this command loads itself.
     Top(TopArgs),
+    /// Print the heartbeat's JSON Schema.
+    Schema,
 }
 
 #[derive(Args)]
@@ -179,6 +181,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args).map(|()| 0),
         Command::Spawn(args) => spawn(args),
         Command::Top(args) => top(args).map(|()| 0),
+        Command::Schema => {
+            println!("{:#}", crate::heartbeat::schema());
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -1,5 +1,6 @@
 //! The wire model: the reference `HiveHeartbeat` shape (every reference field name) plus
 //! additive extensions. Figures not collected are `null`, never a made-up 0.
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -13,7 +14,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A hive's report on itself and its workers, sent once per interval.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "HiveHeartbeat")]
 pub struct Heartbeat {
     pub schema_version: u32,
     /// Increases by one per heartbeat from 1; a gap means heartbeats were missed.
@@ -30,7 +33,7 @@ pub struct Heartbeat {
     pub collector: Collector,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct PrewarmSignal {
     pub device_index: u32,
     pub uuid: Option<String>,
@@ -40,7 +43,7 @@ pub struct PrewarmSignal {
 }
 
 /// One GPU: the reference fields, then extensions.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct DeviceVitals {
     pub device_index: u32,
     pub vram_used_gb: Option<f64>,
@@ -86,7 +89,7 @@ impl From<&Prewarm> for PrewarmSignal {
 }
 
 /// Identity and host vitals of this host.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Hive {
     pub id: String,
     pub hostname: String,
@@ -105,13 +108,13 @@ pub struct Hive {
     pub model_dir_disk: Option<DiskUsage>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct DiskUsage {
     pub used_gb: f64,
     pub total_gb: f64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Worker {
     pub pid: Option<u32>,
     pub group: String,
@@ -144,7 +147,7 @@ pub struct Worker {
     pub gpus: Option<Vec<WorkerGpuDevice>>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerGpuDevice {
     pub device_index: u32,
     pub vram_bytes: u64,
@@ -153,7 +156,7 @@ pub struct WorkerGpuDevice {
 }
 
 /// A worker's memory breakdown, bytes.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerMemory {
     /// `cgroup` (its memory cgroup's files) or `procfs` (summed over its processes, because
     /// its memory cgroup holds others too).
@@ -185,7 +188,7 @@ impl From<&MemoryReading> for WorkerMemory {
 }
 
 /// Where each figure came from.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Ebpf,
@@ -195,7 +198,7 @@ pub enum Source {
     Unavailable,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Collector {
     pub cpu: Source,
     pub runq: Source,
@@ -210,7 +213,7 @@ pub struct Collector {
 
 /// Events the probes could not account, cumulative since start; non-zero means some
 /// figure is incomplete.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ProbeHealth {
     pub workers_map_full: u64,
     pub queued_map_full: u64,
@@ -314,7 +317,26 @@ impl From<&WorkerSample> for Worker {
     }
 }
 
+/// The JSON Schema of the heartbeat, generated from these types; `schema/heartbeat.schema.json`
+/// holds a copy that a test keeps equal to this.
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Heartbeat)).expect("a schema is JSON")
+}
+
 fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_committed_schema_matches_the_types() {
+        let committed: serde_json::Value =
+            serde_json::from_str(include_str!("../../schema/heartbeat.schema.json")).expect("valid JSON");
+        assert!(
+            committed == super::schema(),
+            "schema/heartbeat.schema.json is stale: regenerate it with `hive-monitor schema > schema/heartbeat.schema.json`"
+        );
+    }
 }
