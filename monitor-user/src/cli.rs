@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    config::{parse_interval, Config},
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
     probes::monotonic_ns,
@@ -16,6 +17,14 @@ use crate::{
 
 /// Port the hive advertises in its heartbeat (the reference's default).
 const DEFAULT_PORT: u16 = 7835;
+const DEFAULT_LISTEN: &str = "127.0.0.1:7835";
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_PREWARM_PCT: f64 = 80.0;
+
+fn default_listen() -> std::net::SocketAddr {
+    DEFAULT_LISTEN.parse().expect("a socket address")
+}
 
 #[derive(Parser)]
 #[command(name = "hive-monitor", version, about = "eBPF monitor of inference workers in a cgroup slice")]
@@ -42,12 +51,12 @@ enum Command {
 struct TopArgs {
     #[command(flatten)]
     cgroup: CgroupArgs,
-    /// Where the local daemon's pull API listens.
-    #[arg(long, default_value = "127.0.0.1:7835")]
-    listen: String,
-    /// Refresh period: `1s`, `500ms`, … (10ms to 1h).
-    #[arg(long, default_value = "1s", value_parser = parse_interval)]
-    interval: Duration,
+    /// Where the local daemon's pull API listens [default: 127.0.0.1:7835].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Refresh period: `1s`, `500ms`, … (10ms to 1h) [default: 1s].
+    #[arg(long, value_parser = parse_interval)]
+    interval: Option<Duration>,
     /// Identity of this host [default: the host name].
     #[arg(long)]
     hive_id: Option<String>,
@@ -85,9 +94,12 @@ struct SpawnArgs {
 
 #[derive(Args)]
 struct CgroupArgs {
-    /// The slice's path below the cgroup2 root; may be nested (`a/b/rbee.slice`).
-    #[arg(long, default_value = "rbee.slice")]
-    slice: String,
+    /// TOML file with any `run` setting as a key of the same name; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The slice's path below the cgroup2 root; may be nested (`a/b/rbee.slice`) [default: rbee.slice].
+    #[arg(long)]
+    slice: Option<String>,
     /// The cgroup2 mount [default: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones].
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
@@ -97,9 +109,9 @@ struct CgroupArgs {
 struct RunArgs {
     #[command(flatten)]
     cgroup: CgroupArgs,
-    /// Time between heartbeats: `1s`, `500ms`, … (10ms to 1h).
-    #[arg(long, default_value = "1s", value_parser = parse_interval)]
-    interval: Duration,
+    /// Time between heartbeats: `1s`, `500ms`, … (10ms to 1h) [default: 1s].
+    #[arg(long, value_parser = parse_interval)]
+    interval: Option<Duration>,
     /// Exit 0 after this many heartbeats.
     #[arg(long)]
     count: Option<u64>,
@@ -109,9 +121,10 @@ struct RunArgs {
     /// NVML library to load instead of the system's libnvidia-ml.so.
     #[arg(long)]
     nvml_lib: Option<PathBuf>,
-    /// GPU utilisation (%) above which a pre-warm signal is sent (at most once a minute per device).
-    #[arg(long, default_value_t = 80.0, value_parser = parse_percent)]
-    prewarm_threshold: f64,
+    /// GPU utilisation (%) above which a pre-warm signal is sent, at most once a minute per
+    /// device [default: 80].
+    #[arg(long, value_parser = parse_percent)]
+    prewarm_threshold: Option<f64>,
     /// Directory the models are stored in; its file system's usage goes in each heartbeat.
     #[arg(long)]
     model_dir: Option<PathBuf>,
@@ -119,15 +132,15 @@ struct RunArgs {
     #[arg(long, value_name = "URL")]
     coordinator: Option<String>,
     /// File holding the bearer token for the coordinator.
-    #[arg(long, requires = "coordinator")]
+    #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Timeout of each request to the coordinator.
-    #[arg(long, default_value = "5s", value_parser = parse_interval)]
-    timeout: Duration,
+    /// Timeout of each request to the coordinator [default: 5s].
+    #[arg(long, value_parser = parse_interval)]
+    timeout: Option<Duration>,
     /// Where the pull API (/v1/heartbeat, /v1/capabilities, /metrics, /healthz) listens;
-    /// port 0 picks a free one.
-    #[arg(long, default_value = "127.0.0.1:7835")]
-    listen: std::net::SocketAddr,
+    /// port 0 picks a free one [default: 127.0.0.1:7835].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token the pull API requires; needed off loopback.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
@@ -164,14 +177,6 @@ fn parse_percent(s: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (examples: 1s, 500ms)"))?;
-    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
-        return Err(format!("`{s}` is outside 10ms..1h"));
-    }
-    Ok(d)
-}
-
 /// Parses the command line, runs the subcommand, and says why it failed if it did.
 pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -196,17 +201,24 @@ pub fn main() -> ExitCode {
 }
 
 impl CgroupArgs {
-    fn slice(&self) -> Result<Slice, Error> {
-        let root = match &self.cgroup_root {
-            Some(root) => root.clone(),
+    /// The config file's settings, and the slice from flags, config or defaults.
+    fn load(&self) -> Result<(Config, Slice), Error> {
+        let config = self.config.as_deref().map(Config::load).transpose()?.unwrap_or_default();
+        let root = match self.cgroup_root.clone().or_else(|| config.cgroup_root.clone()) {
+            Some(root) => root,
             None => cgroup::detect_root()?,
         };
-        Slice::new(root, &self.slice)
+        let slice = self.slice.as_deref().or(config.slice.as_deref()).unwrap_or("rbee.slice");
+        let slice = Slice::new(root, slice)?;
+        Ok((config, slice))
     }
 }
 
 fn top(args: TopArgs) -> Result<(), Error> {
-    top::run(args.cgroup.slice()?, &args.listen, args.interval, identity(args.hive_id))
+    let (config, slice) = args.cgroup.load()?;
+    let listen = args.listen.or(config.listen).unwrap_or_else(default_listen);
+    let interval = args.interval.or(config.interval).unwrap_or(DEFAULT_INTERVAL);
+    top::run(slice, &listen.to_string(), interval, identity(args.hive_id.or(config.hive_id)))
 }
 
 fn spawn(args: SpawnArgs) -> Result<i32, Error> {
@@ -220,32 +232,43 @@ fn spawn(args: SpawnArgs) -> Result<i32, Error> {
         keep: args.keep,
         command: args.command,
     };
-    spawn::run(&args.cgroup.slice()?, &spec)
+    spawn::run(&args.cgroup.load()?.1, &spec)
 }
 
 fn run(args: RunArgs) -> Result<(), Error> {
-    let slice = args.cgroup.slice()?;
-    let identity = identity(args.hive_id);
-
+    // Flags, then the config file, then defaults.
+    let (config, slice) = args.cgroup.load()?;
+    let identity = identity(args.hive_id.or(config.hive_id));
+    let interval = args.interval.or(config.interval).unwrap_or(DEFAULT_INTERVAL);
+    let coordinator = args.coordinator.or(config.coordinator);
+    let token_file = args.token_file.or(config.token_file);
+    if token_file.is_some() && coordinator.is_none() {
+        return Err(Error::io("--token-file", std::io::Error::other("a token file needs --coordinator")));
+    }
+    let token = token_file.as_deref().map(read_token).transpose()?;
+    let api_token = args.api_token_file.or(config.api_token_file).as_deref().map(read_token).transpose()?;
     let options = SamplerOptions {
-        nvml_lib: args.nvml_lib,
-        prewarm_threshold_pct: args.prewarm_threshold,
-        model_dir: args.model_dir,
+        nvml_lib: args.nvml_lib.or(config.nvml_lib),
+        prewarm_threshold_pct: args
+            .prewarm_threshold
+            .or(config.prewarm_threshold)
+            .unwrap_or(DEFAULT_PREWARM_PCT),
+        model_dir: args.model_dir.or(config.model_dir),
     };
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
-    let api_token = args.api_token_file.as_deref().map(read_token).transpose()?;
+
     let mut sampler = Sampler::with_options(slice, options)?;
-    let api = PullApi::start(args.listen, api_token)?;
+    let api = PullApi::start(args.listen.or(config.listen).unwrap_or_else(default_listen), api_token)?;
     log::info!(
         "probes attached; watching {} every {}",
         sampler.slice().dir().display(),
-        humantime::format_duration(args.interval)
+        humantime::format_duration(interval)
     );
-    let mut sink = match &args.coordinator {
-        Some(url) => Sink::Coordinator(Coordinator::start(url, token, args.timeout)?),
+    let timeout = args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
+    let mut sink = match &coordinator {
+        Some(url) => Sink::Coordinator(Coordinator::start(url, token, timeout)?),
         None => Sink::Stdout(Stdout::new()),
     };
-    let mut interval_ns = args.interval.as_nanos() as u64;
+    let mut interval_ns = interval.as_nanos() as u64;
     let mut server_status: Option<String> = None;
     let started = monotonic_ns();
     let mut deadline = started;

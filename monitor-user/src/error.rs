@@ -63,6 +63,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
     #[error("pull API on {addr}: {reason}")]
     Api { addr: std::net::SocketAddr, reason: String },
 

@@ -2,6 +2,7 @@
 //! `probes` (kernel) and `sources` (files) → `sampler` (merge, rates) → `heartbeat` (model)
 //! → `sinks` (output) and `top` (a live view).
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod heartbeat;
 pub mod probes;

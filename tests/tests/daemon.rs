@@ -277,3 +277,34 @@ fn pull_api_serves_the_latest_heartbeat_and_prometheus_metrics() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a token"), "{out:?}");
 }
+
+#[test]
+fn the_config_file_applies_and_flags_override_it() {
+    let config = std::env::temp_dir().join(format!("hm-config-{}.toml", std::process::id()));
+    std::fs::write(&config, "interval = \"1s\"\nintervall = \"2s\"\n").unwrap();
+    let out = daemon(&["run", "--config", config.to_str().unwrap(), "--count", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("config ") && stderr.contains("unknown field `intervall`"), "{stderr}");
+
+    if !bpf_available("config_file") {
+        let _ = std::fs::remove_file(&config);
+        return;
+    }
+    let cg = TestCgroup::new("config");
+    cg.mkdir("rbee.slice/llm/8080");
+    let settings = format!(
+        "slice = \"{}\"\ncgroup_root = \"{}\"\ninterval = \"5s\"\nlisten = \"127.0.0.1:0\"\nhive_id = \"from-config\"\n",
+        cg.rel("rbee.slice"),
+        cg.root.display()
+    );
+    std::fs::write(&config, settings).unwrap();
+    let out = daemon(&["run", "--config", config.to_str().unwrap(), "--interval", "200ms", "--count", "2"]);
+    let _ = std::fs::remove_file(&config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["hive"]["id"], "from-config");
+    assert_eq!(last["workers"][0]["instance"], "8080", "the slice comes from the config file");
+    assert!(last["interval_ms"].as_f64().unwrap() < 1000.0, "the --interval flag wins over the file: {last}");
+}

@@ -1,0 +1,128 @@
+//! The TOML configuration file (`--config FILE`): every `run` setting as a key of the same
+//! name (`interval = "500ms"`, `coordinator = "http://queen:7833"`, …). Flags override it;
+//! an unknown key, a malformed value or an out-of-range one is an error naming the file.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub slice: Option<String>,
+    pub cgroup_root: Option<PathBuf>,
+    #[serde(default, deserialize_with = "interval")]
+    pub interval: Option<Duration>,
+    pub hive_id: Option<String>,
+    pub nvml_lib: Option<PathBuf>,
+    pub prewarm_threshold: Option<f64>,
+    pub model_dir: Option<PathBuf>,
+    pub coordinator: Option<String>,
+    pub token_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "interval")]
+    pub timeout: Option<Duration>,
+    pub listen: Option<SocketAddr>,
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// Config files are small; anything larger is not one.
+const MAX_SIZE: u64 = 64 * 1024;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
+        let size = std::fs::metadata(path).map_err(|e| err(e.to_string()))?.len();
+        if size > MAX_SIZE {
+            return Err(err(format!("{size} bytes; a config file is at most {MAX_SIZE}")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if let Some(p) = config.prewarm_threshold {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(err(format!("prewarm_threshold {p} is not a percentage between 0 and 100")));
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// A duration written as text (`"1s"`, `"500ms"`), between 10 ms and 1 h.
+pub fn parse_interval(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (examples: 1s, 500ms)"))?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("`{s}` is outside 10ms..1h"));
+    }
+    Ok(d)
+}
+
+fn interval<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_interval(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> std::result::Result<Config, String> {
+        let path = std::env::temp_dir().join(format!("hm-config-{}-{}.toml", std::process::id(), text.len()));
+        std::fs::write(&path, text).unwrap();
+        let r = Config::load(&path).map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    #[test]
+    fn every_key() {
+        let c = parse(
+            r#"slice = "a/rbee.slice"
+            cgroup_root = "/sys/fs/cgroup/unified"
+            interval = "500ms"
+            hive_id = "gpu-7"
+            nvml_lib = "/opt/nvml.so"
+            prewarm_threshold = 90.5
+            model_dir = "/models"
+            coordinator = "http://queen:7833"
+            token_file = "/etc/hive/token"
+            timeout = "2s"
+            listen = "0.0.0.0:7835"
+            api_token_file = "/etc/hive/api-token"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.interval, Some(Duration::from_millis(500)));
+        assert_eq!(c.listen, Some("0.0.0.0:7835".parse().unwrap()));
+        assert_eq!((c.prewarm_threshold, c.slice.as_deref()), (Some(90.5), Some("a/rbee.slice")));
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/config.example.toml");
+        let c = Config::load(&example).unwrap();
+        assert_eq!((c.slice.as_deref(), c.prewarm_threshold), (Some("rbee.slice"), Some(80.0)));
+    }
+
+    #[test]
+    fn hostile_configs_are_clear_errors() {
+        for (text, says) in [
+            ("intervall = \"1s\"", "unknown field `intervall`"),
+            ("interval = \"soon\"", "examples: 1s, 500ms"),
+            ("interval = \"0s\"", "outside 10ms..1h"),
+            ("interval = 5", "invalid type"),
+            ("prewarm_threshold = 1e300", "not a percentage"),
+            ("listen = \"everywhere\"", "invalid socket address"),
+            ("slice = [", "unclosed array"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains("config ") && e.contains(says), "{text:?}: {e}");
+        }
+        let huge = format!("hive_id = \"{}\"", "x".repeat(100_000));
+        assert!(parse(&huge).unwrap_err().contains("at most"));
+    }
+}
