@@ -45,6 +45,19 @@ enum Command {
     Top(TopArgs),
     /// Print the heartbeat's JSON Schema.
     Schema,
+    /// A reference coordinator: receives heartbeats from hives and answers
+    /// `GET /v1/workers?idle=true&model=M&min_free_vram_mb=N` and `GET /v1/hives`.
+    Coordinator(CoordinatorArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7833")]
+    listen: std::net::SocketAddr,
+    /// File holding the bearer token hives must send; needed off loopback.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -186,6 +199,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args).map(|()| 0),
         Command::Spawn(args) => spawn(args),
         Command::Top(args) => top(args).map(|()| 0),
+        Command::Coordinator(args) => {
+            let token = args.token_file.as_deref().map(read_token).transpose();
+            token.and_then(|token| crate::queen::run(args.listen, token)).map(|()| 0)
+        }
         Command::Schema => {
             println!("{:#}", crate::heartbeat::schema());
             Ok(0)

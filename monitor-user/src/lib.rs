@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod heartbeat;
 pub mod probes;
+pub mod queen;
 pub mod sampler;
 pub mod sinks;
 pub mod sources;
