@@ -176,3 +176,60 @@ fn a_coordinator_that_comes_up_late_gets_the_newest_heartbeats() {
     assert!(seqs[0] > 3, "heartbeats from while it was down were superseded, not queued: {seqs:?}");
     assert!(*seqs.last().unwrap() >= 15, "{seqs:?}");
 }
+
+/// Resident memory of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn a_coordinator_that_goes_away_costs_no_memory_and_no_samples() {
+    if !bpf_available("coordinator_gone") {
+        return;
+    }
+    let cg = TestCgroup::new("coord_gone");
+    cg.mkdir("rbee.slice/llm/8080");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = coordinator(listener, |n| match n {
+        // It answers a few heartbeats, then hangs on every request: gone, as far as the
+        // daemon can tell, with connections that never complete.
+        0..=2 => (200, "{}", Duration::ZERO),
+        _ => (200, "{}", Duration::from_secs(3600)),
+    });
+    let root = cg.root.to_string_lossy().into_owned();
+    let mut child = Command::new(DAEMON)
+        .args([
+            "run",
+            "--cgroup-root",
+            &root,
+            "--slice",
+            &cg.rel("rbee.slice"),
+            "--coordinator",
+            &format!("http://{addr}"),
+        ])
+        .args(["--interval", "100ms", "--timeout", "200ms", "--listen", "127.0.0.1:0", "--count", "60"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let early = rss(child.id());
+    std::thread::sleep(Duration::from_millis(3000));
+    let late = rss(child.id());
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    eprintln!("coordinator_gone: daemon RSS {early} -> {late} bytes while the coordinator hung");
+    assert!(late <= early + (1 << 20), "memory grew from {early} to {late} bytes with the coordinator gone");
+    assert_eq!(seqs(&received)[..3], [1, 2, 3], "{:?}", seqs(&received));
+}

@@ -81,6 +81,11 @@ impl Probes {
             program.load(name, &aya_btf).map_err(|source| Error::Program { program: name, source })?;
             program.attach().map_err(|source| Error::Program { program: name, source })?;
         }
+        // Parsing the kernel's BTF (twice: for the layout and for aya) took tens of MiB that
+        // are free now; hand them back rather than keep them resident for the daemon's life.
+        drop((btf, aya_btf));
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         Ok(Self {
             workers: take_map(&mut ebpf, "WORKERS")?,
             slice: take_map(&mut ebpf, "SLICE")?,
