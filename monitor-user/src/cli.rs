@@ -157,6 +157,10 @@ struct RunArgs {
     /// File holding the bearer token the pull API requires; needed off loopback.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// Do not load the probes (also the fallback when they cannot be loaded): CPU from each
+    /// worker's cpu.stat; run-queue wait and context switches are then unavailable.
+    #[arg(long)]
+    no_bpf: bool,
 }
 
 /// The bounds within which a coordinator's `next_interval_ms` is honoured.
@@ -271,15 +275,12 @@ fn run(args: RunArgs) -> Result<(), Error> {
             .or(config.prewarm_threshold)
             .unwrap_or(DEFAULT_PREWARM_PCT),
         model_dir: args.model_dir.or(config.model_dir),
+        no_bpf: args.no_bpf,
     };
 
     let mut sampler = Sampler::with_options(slice, options)?;
     let api = PullApi::start(args.listen.or(config.listen).unwrap_or_else(default_listen), api_token)?;
-    log::info!(
-        "probes attached; watching {} every {}",
-        sampler.slice().dir().display(),
-        humantime::format_duration(interval)
-    );
+    log::info!("watching {} every {}", sampler.slice().dir().display(), humantime::format_duration(interval));
     let timeout = args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
     let mut sink = match &coordinator {
         Some(url) => Sink::Coordinator(Coordinator::start(url, token, timeout)?),

@@ -4,7 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    sampler::{Prewarm, Sample, WorkerSample},
+    sampler::{CounterSource, Prewarm, Sample, WorkerSample},
     sources::memory::{MemoryReading, Origin},
     sources::nvml::DeviceReading,
 };
@@ -138,10 +138,11 @@ pub struct Worker {
     /// Share of the interval the worker's tasks spent runnable but not running (100 = one
     /// task waiting the whole interval).
     pub runq_wait_pct: Option<f64>,
-    pub runq_wait_ns_total: u64,
-    pub runq_waits_total: u64,
-    pub ctx_switches_voluntary_total: u64,
-    pub ctx_switches_involuntary_total: u64,
+    /// The scheduler totals are `null` without BPF.
+    pub runq_wait_ns_total: Option<u64>,
+    pub runq_waits_total: Option<u64>,
+    pub ctx_switches_voluntary_total: Option<u64>,
+    pub ctx_switches_involuntary_total: Option<u64>,
     pub memory: Option<WorkerMemory>,
     /// Per device the worker is on; `null` when GPU figures are unavailable.
     pub gpus: Option<Vec<WorkerGpuDevice>>,
@@ -231,6 +232,10 @@ pub struct HiveIdentity {
 
 impl Heartbeat {
     pub fn new(sample: &Sample, identity: &HiveIdentity, uptime_seconds: u64) -> Self {
+        let sched = match sample.counters {
+            CounterSource::Ebpf => Source::Ebpf,
+            CounterSource::Cgroup => Source::Unavailable,
+        };
         Heartbeat {
             schema_version: SCHEMA_VERSION,
             seq: sample.seq,
@@ -257,12 +262,15 @@ impl Heartbeat {
                 }),
             },
             timestamp: humantime::format_rfc3339_seconds(sample.wall).to_string(),
-            workers: sample.workers.iter().map(Worker::from).collect(),
+            workers: sample.workers.iter().map(|w| Worker::new(w, sample.counters)).collect(),
             prewarm: sample.prewarm.iter().map(PrewarmSignal::from).collect(),
             collector: Collector {
-                cpu: Source::Ebpf,
-                runq: Source::Ebpf,
-                ctx_switches: Source::Ebpf,
+                cpu: match sample.counters {
+                    CounterSource::Ebpf => Source::Ebpf,
+                    CounterSource::Cgroup => Source::Cgroup,
+                },
+                runq: sched,
+                ctx_switches: sched,
                 memory: Source::Cgroup,
                 io: Source::Unavailable,
                 gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
@@ -279,8 +287,9 @@ impl Heartbeat {
     }
 }
 
-impl From<&WorkerSample> for Worker {
-    fn from(w: &WorkerSample) -> Self {
+impl Worker {
+    fn new(w: &WorkerSample, counters: CounterSource) -> Self {
+        let sched = |v: u64| (counters == CounterSource::Ebpf).then_some(v);
         Worker {
             pid: w.pid,
             group: w.cgroup.group.clone(),
@@ -297,11 +306,11 @@ impl From<&WorkerSample> for Worker {
             cgroup_id: w.cgroup.id,
             processes: w.processes,
             cpu_ns_total: w.counters.cpu_ns,
-            runq_wait_pct: w.runq_wait_pct.map(|v| round(v, 2)),
-            runq_wait_ns_total: w.counters.runq_wait_ns,
-            runq_waits_total: w.counters.runq_waits,
-            ctx_switches_voluntary_total: w.counters.voluntary_switches,
-            ctx_switches_involuntary_total: w.counters.involuntary_switches,
+            runq_wait_pct: w.runq_wait_pct.filter(|_| counters == CounterSource::Ebpf).map(|v| round(v, 2)),
+            runq_wait_ns_total: sched(w.counters.runq_wait_ns),
+            runq_waits_total: sched(w.counters.runq_waits),
+            ctx_switches_voluntary_total: sched(w.counters.voluntary_switches),
+            ctx_switches_involuntary_total: sched(w.counters.involuntary_switches),
             memory: w.memory.as_ref().map(WorkerMemory::from),
             gpus: w.gpu.as_ref().map(|g| {
                 g.devices

@@ -229,8 +229,8 @@ mod tests {
             "pid": 1, "group": "g", "instance": "i", "cpu_pct": cpu, "rss_mb": null, "gpu_util_pct": gpu,
             "vram_mb": null, "model": model, "uptime_s": 1, "io_r_mb_s": null, "io_w_mb_s": null,
             "cgroup": "/g/i", "cgroup_id": 1, "processes": 1, "cpu_ns_total": 0, "runq_wait_pct": null,
-            "runq_wait_ns_total": 0, "runq_waits_total": 0, "ctx_switches_voluntary_total": 0,
-            "ctx_switches_involuntary_total": 0, "memory": null, "gpus": null
+            "runq_wait_ns_total": null, "runq_waits_total": null, "ctx_switches_voluntary_total": null,
+            "ctx_switches_involuntary_total": null, "memory": null, "gpus": null
         }))
         .unwrap()
     }

@@ -64,6 +64,15 @@ pub struct Prewarm {
     pub threshold_pct: f64,
 }
 
+/// Where the per-worker scheduler counters come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterSource {
+    /// The probes: CPU time, run-queue wait and context switches.
+    Ebpf,
+    /// Each worker cgroup's `cpu.stat` (CPU time only), without BPF.
+    Cgroup,
+}
+
 /// Settings of a sampler beyond its slice.
 #[derive(Clone, Debug)]
 pub struct SamplerOptions {
@@ -73,11 +82,14 @@ pub struct SamplerOptions {
     pub prewarm_threshold_pct: f64,
     /// The directory models are stored in, whose file system's usage is reported.
     pub model_dir: Option<std::path::PathBuf>,
+    /// Do not load the probes: CPU from each worker's `cpu.stat`, no run-queue or switch
+    /// figures. Also what happens when the probes cannot be loaded.
+    pub no_bpf: bool,
 }
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        Self { nvml_lib: None, prewarm_threshold_pct: 80.0, model_dir: None }
+        Self { nvml_lib: None, prewarm_threshold_pct: 80.0, model_dir: None, no_bpf: false }
     }
 }
 
@@ -107,6 +119,8 @@ pub struct Sample {
     /// between the lookups of a pass.
     pub interval_ns: u64,
     pub workers: Vec<WorkerSample>,
+    /// Where the scheduler counters came from.
+    pub counters: CounterSource,
     pub host: HostSample,
     /// `None` when GPU figures are unavailable (no NVML).
     pub gpus: Option<Vec<DeviceReading>>,
@@ -121,7 +135,8 @@ struct MainProcess {
 }
 
 pub struct Sampler {
-    probes: Probes,
+    /// `None` without BPF.
+    probes: Option<Probes>,
     slice: Slice,
     filter: SliceFilter,
     prev: KernelReading,
@@ -146,13 +161,30 @@ impl Sampler {
     }
 
     pub fn with_options(slice: Slice, options: SamplerOptions) -> Result<Self> {
-        let mut probes = Probes::load(slice.level())?;
+        let mut probes = match options.no_bpf {
+            true => None,
+            false => match Probes::load(slice.level()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    log::warn!(
+                        "{e}; falling back to cgroup files: CPU from each worker's cpu.stat, no run-queue \
+                         wait or context switches"
+                    );
+                    None
+                }
+            },
+        };
         let filter = slice.filter();
-        probes.set_slice(filter)?;
+        if let Some(p) = &mut probes {
+            p.set_slice(filter)?;
+        }
         if filter.id == 0 {
             log::warn!("slice {} does not exist yet; watching for it", slice.dir().display());
         }
-        let prev = probes.read()?;
+        let prev = match &mut probes {
+            Some(p) => p.read()?,
+            None => cgroup_reading(&slice.workers()?),
+        };
         Ok(Self {
             probes,
             slice,
@@ -179,12 +211,17 @@ impl Sampler {
         let filter = self.slice.filter();
         if filter != self.filter {
             log::info!("slice {} now has cgroup id {}", self.slice.dir().display(), filter.id);
-            self.probes.set_slice(filter)?;
+            if let Some(p) = &mut self.probes {
+                p.set_slice(filter)?;
+            }
             self.filter = filter;
         }
         let cgroups = self.slice.workers()?;
         let wall = SystemTime::now();
-        let reading = self.probes.read()?;
+        let reading = match &mut self.probes {
+            Some(p) => p.read()?,
+            None => cgroup_reading(&cgroups),
+        };
         let interval_ns = reading.at_ns.saturating_sub(self.prev.at_ns);
         let boottime_s = procfs::boottime_s();
         let gpu = self.gpus.as_mut().map(Gpus::read);
@@ -251,6 +288,7 @@ impl Sampler {
             at_ns: reading.at_ns,
             interval_ns,
             workers,
+            counters: if self.probes.is_some() { CounterSource::Ebpf } else { CounterSource::Cgroup },
             host,
             gpus: gpu.map(|g| g.devices),
             prewarm,
@@ -268,7 +306,7 @@ impl Sampler {
             .copied()
             .collect();
         for id in gone {
-            if let Err(e) = self.probes.forget(id) {
+            if let Some(Err(e)) = self.probes.as_mut().map(|p| p.forget(id)) {
                 log::warn!("{e}");
             }
         }
@@ -326,6 +364,26 @@ impl Sampler {
         self.mains.insert(worker, main);
         Some(main)
     }
+}
+
+/// Without BPF: each worker's CPU time from its cgroup's `cpu.stat`, which the kernel
+/// charges at the same points the probes hook (running tasks' uncharged time excepted).
+fn cgroup_reading(workers: &[WorkerCgroup]) -> KernelReading {
+    let at_ns = crate::probes::monotonic_ns();
+    let workers = workers
+        .iter()
+        .filter_map(|w| match cgroup::cpu_usage_ns(&w.dir) {
+            Ok(cpu_ns) => {
+                let counters = WorkerCounters { cpu_ns, ..Default::default() };
+                Some((w.id, WorkerReading { at_ns: crate::probes::monotonic_ns(), counters }))
+            }
+            Err(e) => {
+                log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance);
+                None
+            }
+        })
+        .collect();
+    KernelReading { at_ns, workers, stats: ProbeStats::default() }
 }
 
 /// A worker's share of the GPUs: its processes' entries, summed.

@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Duration};
 use hive_monitor_tests::*;
 use monitor_user::{
     probes::Probes,
-    sampler::{Sample, Sampler, WorkerSample},
+    sampler::{Sample, Sampler, SamplerOptions, WorkerSample},
     sources::cgroup::Slice,
 };
 
@@ -32,10 +32,14 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, SamplerOptions::default())
+}
+
+fn setup_with(name: &str, options: SamplerOptions) -> Setup {
     let cg = TestCgroup::new(name);
     let worker = cg.mkdir("rbee.slice/llm/8080");
     let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
-    let sampler = Sampler::new(slice).expect("sampler");
+    let sampler = Sampler::with_options(slice, options).expect("sampler");
     Setup { cg, worker, sampler }
 }
 
@@ -51,16 +55,22 @@ fn worker<'a>(sample: &'a Sample, instance: &str) -> &'a WorkerSample {
 /// `cpu.stat` is exact) and compares each interval's `cpu_pct` with `cpu.stat`'s.
 /// `expect` checks that the load really had the shape the case is about.
 fn accuracy(name: &str, loads: &[&[&str]], expect: impl Fn(f64) -> bool) {
-    accuracy_in(name, "", loads, expect)
+    accuracy_in(name, "", SamplerOptions::default(), loads, expect)
 }
 
 /// `accuracy`, with the loads started in cgroup `sub` below the worker's.
-fn accuracy_in(name: &str, sub: &str, loads: &[&[&str]], expect: impl Fn(f64) -> bool) {
+fn accuracy_in(
+    name: &str,
+    sub: &str,
+    options: SamplerOptions,
+    loads: &[&[&str]],
+    expect: impl Fn(f64) -> bool,
+) {
     let _serial = serial();
     if !bpf_available(name) {
         return;
     }
-    let Setup { cg, worker: dir, mut sampler } = setup(name);
+    let Setup { cg, worker: dir, mut sampler } = setup_with(name, options);
     let load_dir = cg.mkdir(&format!("rbee.slice/llm/8080/{sub}"));
     let _loads: Vec<_> = loads.iter().map(|args| Workload::start(HM_LOAD, &load_dir, args)).collect();
     std::thread::sleep(Duration::from_millis(200));
@@ -123,7 +133,17 @@ fn short_lived_children_count() {
 
 #[test]
 fn nested_cgroups_count_for_their_worker() {
-    accuracy_in("nested", "engine/shard-0", &[&["busy", "1", "60"]], |pct| pct > 80.0);
+    accuracy_in("nested", "engine/shard-0", SamplerOptions::default(), &[&["busy", "1", "60"]], |pct| {
+        pct > 80.0
+    });
+}
+
+/// Without BPF the figure comes from cpu.stat itself: at moments when the worker is frozen it
+/// must equal the kernel's exactly, like the probes' figure.
+#[test]
+fn without_bpf_cpu_comes_from_cpu_stat() {
+    let options = SamplerOptions { no_bpf: true, ..Default::default() };
+    accuracy_in("nobpf", "", options, &[&["duty", "50", "20", "60"]], |pct| pct > 20.0);
 }
 
 #[test]

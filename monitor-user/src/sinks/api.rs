@@ -259,10 +259,13 @@ fn registry(hb: &Heartbeat) -> Registry {
             gpu_pct.get_or_create(&l).set(v);
         }
         cpu_s.get_or_create(&l).inc_by(w.cpu_ns_total as f64 / 1e9);
-        runq_s.get_or_create(&l).inc_by(w.runq_wait_ns_total as f64 / 1e9);
+        if let Some(ns) = w.runq_wait_ns_total {
+            runq_s.get_or_create(&l).inc_by(ns as f64 / 1e9);
+        }
         for (kind, n) in
             [("voluntary", w.ctx_switches_voluntary_total), ("involuntary", w.ctx_switches_involuntary_total)]
         {
+            let Some(n) = n else { continue };
             let s = SwitchLabels {
                 group: l.group.clone(),
                 instance: l.instance.clone(),

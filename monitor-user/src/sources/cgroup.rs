@@ -145,6 +145,20 @@ fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// CPU time the kernel charged to the cgroup at `dir` and below: `cpu.stat` `usage_usec`,
+/// in ns. Present on every v2 cgroup, with or without the cpu controller.
+pub fn cpu_usage_ns(dir: &Path) -> Result<u64> {
+    let path = dir.join("cpu.stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|usec| usec * 1000)
+        .ok_or_else(|| {
+            Error::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, "no usage_usec"))
+        })
+}
+
 /// Processes in the cgroup at `dir` and every cgroup below it.
 pub fn procs(dir: &Path) -> Result<Vec<u32>> {
     let mut out = Vec::new();
