@@ -1,6 +1,14 @@
 //! The `hive-monitor` command line: subcommands wire probes, sources, sampler and sinks
 //! together, nothing more.
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -21,6 +29,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:7835";
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_PREWARM_PCT: f64 = 80.0;
+/// How often the wait for the next sample looks for a stop request.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 fn default_listen() -> std::net::SocketAddr {
     DEFAULT_LISTEN.parse().expect("a socket address")
@@ -291,6 +301,12 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let started = monotonic_ns();
     let mut deadline = started;
     let mut sent = 0u64;
+    // SIGTERM or SIGINT: one last heartbeat saying "stopping", then exit 0 (the probes are
+    // detached when they are dropped).
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|e| Error::io("signal handler", e))?;
+    }
     while args.count.is_none_or(|n| sent < n) {
         // Fixed deadlines, so the cadence does not drift; a missed one is skipped, not bunched.
         let now = monotonic_ns();
@@ -298,9 +314,15 @@ fn run(args: RunArgs) -> Result<(), Error> {
         if deadline < now {
             deadline += (now - deadline).div_ceil(interval_ns) * interval_ns;
         }
-        std::thread::sleep(Duration::from_nanos(deadline - now));
+        while !stop.load(Ordering::Relaxed) && monotonic_ns() < deadline {
+            std::thread::sleep(Duration::from_nanos(deadline.saturating_sub(monotonic_ns())).min(STOP_POLL));
+        }
+        let stopping = stop.load(Ordering::Relaxed);
         let sample = sampler.sample()?;
-        let heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
+        let mut heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
+        if stopping {
+            heartbeat.hive.operational_status = "stopping".into();
+        }
         api.publish(&heartbeat);
         match &mut sink {
             Sink::Stdout(out) => match out.send(&heartbeat) {
@@ -329,6 +351,10 @@ fn run(args: RunArgs) -> Result<(), Error> {
             }
         }
         sent += 1;
+        if stopping {
+            log::info!("stopping after heartbeat {}", heartbeat.seq);
+            break;
+        }
     }
     Ok(())
 }

@@ -367,3 +367,35 @@ fn the_config_file_applies_and_flags_override_it() {
     assert_eq!(last["workers"][0]["instance"], "8080", "the slice comes from the config file");
     assert!(last["interval_ms"].as_f64().unwrap() < 1000.0, "the --interval flag wins over the file: {last}");
 }
+
+#[test]
+fn sigterm_sends_a_last_heartbeat_saying_stopping_and_exits_0() {
+    if !bpf_available("sigterm") {
+        return;
+    }
+    use std::io::BufRead;
+    let cg = TestCgroup::new("sigterm");
+    cg.mkdir("rbee.slice/llm/8080");
+    let root = cg.root.to_string_lossy().into_owned();
+    let mut child = Command::new(DAEMON)
+        .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "10s"])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first heartbeat comes after one interval: signal well before it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let signalled = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(2), "exit took {took:?} after SIGTERM");
+    let lines: Vec<String> =
+        std::io::BufReader::new(child.stdout.take().unwrap()).lines().map(Result::unwrap).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let last: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(last["hive"]["operational_status"], "stopping");
+    assert_eq!(last["workers"][0]["instance"], "8080");
+}
