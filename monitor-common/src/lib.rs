@@ -24,6 +24,11 @@ pub struct WorkerCounters {
     pub voluntary_switches: u64,
     /// Switches where the task was preempted or yielded while runnable.
     pub involuntary_switches: u64,
+    /// Bytes the worker's tasks asked to read and got, through read-type system calls
+    /// (`/proc/<pid>/io` `rchar` semantics).
+    pub syscall_read_bytes: u64,
+    /// Bytes written through write-type system calls (`wchar` semantics).
+    pub syscall_write_bytes: u64,
     /// Per CPU only: while a task of the worker is on this CPU, `bpf_ktime_get_ns()`
     /// (CLOCK_MONOTONIC) when the kernel last charged it or switched it in, else 0. The loader
     /// adds `now - running_since_ns`, the time accrued but not yet charged. It sits in the same
@@ -33,12 +38,15 @@ pub struct WorkerCounters {
 }
 
 /// The task a CPU switched to last, and its worker (0: none); a per-CPU cache that spares
-/// the probes classifying the same task again.
+/// the probes classifying the same task again. Valid while the task's `css_set` is the one
+/// recorded: moving to another cgroup gives the task a new one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CurrentTask {
     /// Kernel address of the task; identity only.
     pub task: u64,
+    /// Kernel address of its `css_set` when classified.
+    pub css_set: u64,
     pub worker: u64,
 }
 
@@ -50,6 +58,17 @@ pub struct CurrentTask {
 pub struct SliceFilter {
     /// v2 cgroup id (inode number) of the slice directory; 0 = no slice yet, count nothing.
     pub id: u64,
+}
+
+/// The system calls whose bytes count as read, as written, or as both (sendfile,
+/// copy_file_range), by number on this architecture; unused slots hold `u32::MAX`. Handed in
+/// by the loader, which knows the architecture's numbers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoSyscalls {
+    pub read: [u32; 5],
+    pub write: [u32; 5],
+    pub both: [u32; 2],
 }
 
 /// Cgroup levels below a worker whose tasks still count for it; a task deeper than this is
@@ -104,6 +123,11 @@ pub struct KernelLayout {
     pub runtime_delta: u32,
     /// `sched_wakeup(task *p)` and `sched_wakeup_new(task *p)`
     pub wakeup_task: u32,
+    /// `sys_exit(struct pt_regs *regs, long ret)`
+    pub sys_exit_regs: u32,
+    pub sys_exit_ret: u32,
+    /// The system call number in `pt_regs` (`orig_ax` on x86-64).
+    pub pt_regs_syscall_nr: u32,
     /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
     pub slice_level: u32,
 }
@@ -116,4 +140,5 @@ mod pod {
     unsafe impl aya::Pod for super::SliceFilter {}
     unsafe impl aya::Pod for super::ProbeStats {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::IoSyscalls {}
 }

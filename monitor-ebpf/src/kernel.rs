@@ -6,7 +6,7 @@
 //! field of the right size. The offsets come from `LAYOUT`, a frozen read-only global, which
 //! the verifier treats as constants.
 use aya_ebpf::programs::BtfTracePointContext;
-use monitor_common::{KernelLayout, SliceFilter, MAX_NESTING};
+use monitor_common::{CurrentTask, KernelLayout, SliceFilter, MAX_NESTING};
 
 use crate::maps::stats;
 
@@ -25,7 +25,7 @@ pub(crate) use layout;
 /// The field of type `T` at `base + off`. `base` must be a kernel pointer the verifier knows
 /// by BTF type (a tracepoint argument or a pointer loaded from one).
 #[inline(always)]
-fn field<T: Copy>(base: u64, off: u32) -> T {
+pub fn field<T: Copy>(base: u64, off: u32) -> T {
     unsafe { core::ptr::read_volatile((base as *const u8).add(off as usize).cast::<T>()) }
 }
 
@@ -42,16 +42,22 @@ fn pointer(base: u64, off: u32) -> Option<u64> {
     Some(p)
 }
 
-/// Tracepoint argument `n` (a position from `LAYOUT`). Context reads must use constant
-/// offsets, hence the match rather than indexing; the verifier prunes the other arms.
+/// Tracepoint argument `n` (a position from `LAYOUT`) of a tracepoint with `N` arguments.
+/// The verifier allows only constant-offset context loads, each within the prototype's
+/// arguments, so all `N` are loaded at fixed offsets and `n` picks among the values; an
+/// indexed load, which the compiler makes of a plain `match`, is refused.
 #[inline(always)]
-pub fn arg(ctx: &BtfTracePointContext, n: u32) -> u64 {
-    match n {
-        0 => ctx.arg(0),
-        1 => ctx.arg(1),
-        2 => ctx.arg(2),
-        3 => ctx.arg(3),
-        _ => 0,
+pub fn arg<const N: usize>(ctx: &BtfTracePointContext, n: u32) -> u64 {
+    let mut args = [0u64; N];
+    let mut i = 0;
+    while i < N {
+        args[i] = ctx.arg(i);
+        i += 1;
+    }
+    if (n as usize) < N {
+        args[n as usize]
+    } else {
+        0
     }
 }
 
@@ -63,6 +69,22 @@ pub fn task_tid(task: u64) -> u32 {
 #[inline(always)]
 pub fn task_cpu(task: u64) -> u32 {
     field(task, layout!(task_cpu))
+}
+
+/// The address of `task`'s `css_set`: it changes when the task moves to another cgroup.
+#[inline(always)]
+pub fn task_css_set(task: u64) -> u64 {
+    field(task, layout!(task_cgroups))
+}
+
+/// `worker_of`, answered from the per-CPU cache when it holds this task in its cgroups of
+/// then.
+#[inline(always)]
+pub fn worker_cached(cache: Option<&CurrentTask>, task: u64, slice: &SliceFilter) -> u64 {
+    match cache {
+        Some(c) if c.task == task && c.css_set == task_css_set(task) => c.worker,
+        _ => worker_of(task, slice).unwrap_or(0),
+    }
 }
 
 /// The v2 cgroup id of the worker `task` belongs to: the cgroup two levels below the slice

@@ -9,6 +9,7 @@ mod maps;
 mod sched_stat_runtime;
 mod sched_switch;
 mod sched_wakeup;
+mod sys_exit;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -10,26 +10,24 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{arg, layout, task_cpu, worker_of},
+    kernel::{arg, layout, task_cpu, worker_cached},
     maps::{counters, counters_on_cpu, current, slice},
 };
 
 #[btf_tracepoint(function = "sched_stat_runtime")]
 pub fn sched_stat_runtime(ctx: BtfTracePointContext) -> i32 {
     let Some(slice) = slice() else { return 0 };
-    let task = arg(&ctx, layout!(runtime_task));
-    let delta = arg(&ctx, layout!(runtime_delta));
-    let local = current().filter(|c| c.task == task);
-    let worker = match &local {
-        Some(c) => c.worker,
-        None => worker_of(task, slice).unwrap_or(0),
-    };
+    let task = arg::<2>(&ctx, layout!(runtime_task));
+    let delta = arg::<2>(&ctx, layout!(runtime_delta));
+    let cache = current();
+    let local = cache.as_ref().is_some_and(|c| c.task == task);
+    let worker = worker_cached(cache.as_deref(), task, slice);
     if worker == 0 {
         return 0;
     }
     let slot = match local {
-        Some(_) => counters(&ctx, worker),
-        None => {
+        true => counters(&ctx, worker),
+        false => {
             let cpu = task_cpu(task);
             if cpu == unsafe { bpf_get_smp_processor_id() } {
                 counters(&ctx, worker)

@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfT
 use monitor_common::CurrentTask;
 
 use crate::{
-    kernel::{arg, layout, task_tid, worker_of},
+    kernel::{arg, layout, task_css_set, task_tid, worker_cached, worker_of},
     maps::{counters, current, mark_queued, slice, QUEUED},
 };
 
@@ -12,15 +12,15 @@ use crate::{
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let Some(slice) = slice() else { return 0 };
     let Some(current) = current() else { return 0 };
-    let preempt = arg(&ctx, layout!(switch_preempt)) as u8 != 0;
-    let prev = arg(&ctx, layout!(switch_prev));
-    let next = arg(&ctx, layout!(switch_next));
-    let prev_state = arg(&ctx, layout!(switch_prev_state)) as u32;
+    let preempt = arg::<4>(&ctx, layout!(switch_preempt)) as u8 != 0;
+    let prev = arg::<4>(&ctx, layout!(switch_prev));
+    let next = arg::<4>(&ctx, layout!(switch_next));
+    let prev_state = arg::<4>(&ctx, layout!(switch_prev_state)) as u32;
     // Read the clock only for switches that involve a worker.
     let now = || unsafe { bpf_ktime_get_ns() };
 
     // `prev` is normally the task this CPU switched to last time: reuse its classification.
-    let prev_worker = if current.task == prev { current.worker } else { worker_of(prev, slice).unwrap_or(0) };
+    let prev_worker = worker_cached(Some(current), prev, slice);
     if prev_worker != 0 {
         let tid = task_tid(prev);
         // Same rule as the kernel's nvcsw/nivcsw in __schedule().
@@ -55,6 +55,6 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    *current = CurrentTask { task: next, worker: next_worker };
+    *current = CurrentTask { task: next, css_set: task_css_set(next), worker: next_worker };
     0
 }

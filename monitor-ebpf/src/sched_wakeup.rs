@@ -10,7 +10,7 @@ use crate::{
 #[inline(always)]
 fn wakeup(ctx: &BtfTracePointContext) -> i32 {
     let Some(slice) = slice() else { return 0 };
-    let task = arg(ctx, layout!(wakeup_task));
+    let task = arg::<1>(ctx, layout!(wakeup_task));
     if worker_of(task, slice).is_none() {
         return 0;
     }

@@ -17,7 +17,7 @@ use crate::{
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
     probes::monotonic_ns,
-    sampler::{Sampler, SamplerOptions},
+    sampler::{BpfMode, Sampler, SamplerOptions},
     sinks::{api::PullApi, coordinator::Coordinator, stdout::Stdout},
     sources::cgroup::{self, Slice},
     spawn, top,
@@ -285,7 +285,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             .or(config.prewarm_threshold)
             .unwrap_or(DEFAULT_PREWARM_PCT),
         model_dir: args.model_dir.or(config.model_dir),
-        no_bpf: args.no_bpf,
+        bpf: if args.no_bpf { BpfMode::Off } else { BpfMode::Preferred },
     };
 
     let mut sampler = Sampler::with_options(slice, options)?;

@@ -143,6 +143,13 @@ pub struct Worker {
     pub runq_waits_total: Option<u64>,
     pub ctx_switches_voluntary_total: Option<u64>,
     pub ctx_switches_involuntary_total: Option<u64>,
+    /// System-call level I/O, MB (10^6 bytes) per second and cumulative bytes: what the
+    /// worker's tasks asked read/write-type calls to move (`rchar`/`wchar` semantics), not
+    /// what reached storage (that is `io_r_mb_s`/`io_w_mb_s`). `null` without BPF.
+    pub io_syscall_r_mb_s: Option<f64>,
+    pub io_syscall_w_mb_s: Option<f64>,
+    pub io_syscall_read_bytes_total: Option<u64>,
+    pub io_syscall_write_bytes_total: Option<u64>,
     pub memory: Option<WorkerMemory>,
     /// Per device the worker is on; `null` when GPU figures are unavailable.
     pub gpus: Option<Vec<WorkerGpuDevice>>,
@@ -205,7 +212,10 @@ pub struct Collector {
     pub runq: Source,
     pub ctx_switches: Source,
     pub memory: Source,
+    /// Storage-level I/O (`io_r_mb_s`, `io_w_mb_s`).
     pub io: Source,
+    /// System-call level I/O (`io_syscall_*`).
+    pub io_syscall: Source,
     pub gpu: Source,
     pub model: Source,
     pub host: Source,
@@ -273,6 +283,7 @@ impl Heartbeat {
                 ctx_switches: sched,
                 memory: Source::Cgroup,
                 io: Source::Unavailable,
+                io_syscall: sched,
                 gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
                 model: Source::Procfs,
                 host: Source::Procfs,
@@ -311,6 +322,16 @@ impl Worker {
             runq_waits_total: sched(w.counters.runq_waits),
             ctx_switches_voluntary_total: sched(w.counters.voluntary_switches),
             ctx_switches_involuntary_total: sched(w.counters.involuntary_switches),
+            io_syscall_r_mb_s: w
+                .syscall_read_bytes_s
+                .filter(|_| counters == CounterSource::Ebpf)
+                .map(|v| round(v / 1e6, 3)),
+            io_syscall_w_mb_s: w
+                .syscall_write_bytes_s
+                .filter(|_| counters == CounterSource::Ebpf)
+                .map(|v| round(v / 1e6, 3)),
+            io_syscall_read_bytes_total: sched(w.counters.syscall_read_bytes),
+            io_syscall_write_bytes_total: sched(w.counters.syscall_write_bytes),
             memory: w.memory.as_ref().map(WorkerMemory::from),
             gpus: w.gpu.as_ref().map(|g| {
                 g.devices

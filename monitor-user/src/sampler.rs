@@ -36,6 +36,9 @@ pub struct WorkerSample {
     pub cpu_pct: Option<f64>,
     /// Run-queue wait over the interval, percent of one task waiting all the time.
     pub runq_wait_pct: Option<f64>,
+    /// Bytes per second through read- and write-type system calls over the interval.
+    pub syscall_read_bytes_s: Option<f64>,
+    pub syscall_write_bytes_s: Option<f64>,
     /// `None` when it could not be read this time (the cause is logged).
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
@@ -82,14 +85,25 @@ pub struct SamplerOptions {
     pub prewarm_threshold_pct: f64,
     /// The directory models are stored in, whose file system's usage is reported.
     pub model_dir: Option<std::path::PathBuf>,
-    /// Do not load the probes: CPU from each worker's `cpu.stat`, no run-queue or switch
-    /// figures. Also what happens when the probes cannot be loaded.
-    pub no_bpf: bool,
+    /// Whether the probes must, may or must not be loaded.
+    pub bpf: BpfMode,
+}
+
+/// Without the probes, CPU comes from each worker's `cpu.stat` and there are no run-queue,
+/// switch or system-call I/O figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BpfMode {
+    /// Failing to load the probes is an error.
+    Required,
+    /// Fall back to the cgroup files, with a warning, when the probes cannot be loaded.
+    Preferred,
+    /// Do not load them.
+    Off,
 }
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        Self { nvml_lib: None, prewarm_threshold_pct: 80.0, model_dir: None, no_bpf: false }
+        Self { nvml_lib: None, prewarm_threshold_pct: 80.0, model_dir: None, bpf: BpfMode::Required }
     }
 }
 
@@ -161,9 +175,10 @@ impl Sampler {
     }
 
     pub fn with_options(slice: Slice, options: SamplerOptions) -> Result<Self> {
-        let mut probes = match options.no_bpf {
-            true => None,
-            false => match Probes::load(slice.level()) {
+        let mut probes = match options.bpf {
+            BpfMode::Off => None,
+            BpfMode::Required => Some(Probes::load(slice.level())?),
+            BpfMode::Preferred => match Probes::load(slice.level()) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     log::warn!(
@@ -265,6 +280,16 @@ impl Sampler {
                 at_ns: cur.at_ns,
                 cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
                 runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
+                syscall_read_bytes_s: per_second(
+                    prev.counters.syscall_read_bytes,
+                    counters.syscall_read_bytes,
+                    worker_interval,
+                ),
+                syscall_write_bytes_s: per_second(
+                    prev.counters.syscall_write_bytes,
+                    counters.syscall_write_bytes,
+                    worker_interval,
+                ),
                 memory,
                 model,
                 gpu: worker_gpu,
@@ -424,6 +449,11 @@ pub fn rate_pct(prev_ns: u64, cur_ns: u64, interval_ns: u64) -> Option<f64> {
     (interval_ns > 0).then(|| cur_ns.saturating_sub(prev_ns) as f64 * 100.0 / interval_ns as f64)
 }
 
+/// Δ`value` per second over an interval of `interval_ns`.
+pub fn per_second(prev: u64, cur: u64, interval_ns: u64) -> Option<f64> {
+    rate_pct(prev, cur, interval_ns).map(|pct| pct * 1e7)
+}
+
 /// Counters never go backwards: the in-flight estimate of a reading can exceed what the
 /// kernel then charges by a few microseconds, and a consumer must never see a negative rate.
 fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
@@ -433,6 +463,8 @@ fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
         runq_waits: cur.runq_waits.max(prev.runq_waits),
         voluntary_switches: cur.voluntary_switches.max(prev.voluntary_switches),
         involuntary_switches: cur.involuntary_switches.max(prev.involuntary_switches),
+        syscall_read_bytes: cur.syscall_read_bytes.max(prev.syscall_read_bytes),
+        syscall_write_bytes: cur.syscall_write_bytes.max(prev.syscall_write_bytes),
         running_since_ns: 0,
     }
 }
@@ -453,6 +485,7 @@ mod tests {
         assert_eq!(rate_pct(7, 7, 1_000_000_000), Some(0.0));
         assert_eq!(rate_pct(0, 5, 0), None, "no interval, no rate");
         assert_eq!(rate_pct(9, 3, 1_000), Some(0.0), "a counter that went back is no negative rate");
+        assert_eq!(per_second(1_000, 1_000 + 5_000_000, 500_000_000), Some(10_000_000.0));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::{
     error::{Error, Result},
     heartbeat::{Heartbeat, HiveIdentity, Worker},
     probes::monotonic_ns,
-    sampler::Sampler,
+    sampler::{BpfMode, Sampler, SamplerOptions},
     sources::cgroup::Slice,
 };
 
@@ -220,7 +220,8 @@ pub fn run(slice: Slice, listen: &str, interval: Duration, identity: HiveIdentit
         Ok(_) => None,
         Err(e) => {
             log::info!("{e}; sampling with own probes");
-            Some((Sampler::new(slice)?, monotonic_ns()))
+            let options = SamplerOptions { bpf: BpfMode::Preferred, ..Default::default() };
+            Some((Sampler::with_options(slice, options)?, monotonic_ns()))
         }
     };
     let feed = if own.is_some() { Feed::Own } else { Feed::Daemon(url.clone()) };
@@ -297,6 +298,10 @@ mod tests {
             runq_waits_total: Some(0),
             ctx_switches_voluntary_total: Some(0),
             ctx_switches_involuntary_total: Some(0),
+            io_syscall_r_mb_s: None,
+            io_syscall_w_mb_s: None,
+            io_syscall_read_bytes_total: None,
+            io_syscall_write_bytes_total: None,
             memory: None,
             gpus: None,
         }
@@ -335,6 +340,7 @@ mod tests {
                 ctx_switches: Source::Ebpf,
                 memory: s,
                 io: s,
+                io_syscall: s,
                 gpu: s,
                 model: s,
                 host: s,

@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Duration};
 use hive_monitor_tests::*;
 use monitor_user::{
     probes::Probes,
-    sampler::{Sample, Sampler, SamplerOptions, WorkerSample},
+    sampler::{BpfMode, Sample, Sampler, SamplerOptions, WorkerSample},
     sources::cgroup::Slice,
 };
 
@@ -142,7 +142,7 @@ fn nested_cgroups_count_for_their_worker() {
 /// must equal the kernel's exactly, like the probes' figure.
 #[test]
 fn without_bpf_cpu_comes_from_cpu_stat() {
-    let options = SamplerOptions { no_bpf: true, ..Default::default() };
+    let options = SamplerOptions { bpf: BpfMode::Off, ..Default::default() };
     accuracy_in("nobpf", "", options, &[&["duty", "50", "20", "60"]], |pct| pct > 20.0);
 }
 

@@ -112,6 +112,11 @@ fn run_prints_one_heartbeat_per_interval() {
     );
     assert!(i["cpu_pct"].as_f64().unwrap() < 5.0, "idle worker: {i}");
     assert!(b["cpu_ns_total"].as_u64().unwrap() > 0);
+    assert!(
+        b["io_syscall_read_bytes_total"].as_u64().is_some() && b["io_syscall_r_mb_s"].as_f64().is_some(),
+        "{b}"
+    );
+    assert_eq!(beats[2]["collector"]["io_syscall"], "ebpf");
 }
 
 /// SPEC §7: a new worker is in the next heartbeat, an exited one gone from the next.

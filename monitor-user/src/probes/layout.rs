@@ -7,13 +7,20 @@ use crate::error::{Error, Result};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Where `pt_regs` keeps the system call number.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_NR_FIELD: &str = "orig_ax";
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_NR_FIELD: &str = "syscallno";
+
 pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let switch = TracepointArgs::resolve(btf, "sched_switch")?;
     let runtime = TracepointArgs::resolve(btf, "sched_stat_runtime")?;
     let wakeup = TracepointArgs::resolve(btf, "sched_wakeup")?;
     let wakeup_new = TracepointArgs::resolve(btf, "sched_wakeup_new")?;
-    let wakeup_task = wakeup.nth(ArgKind::TaskPtr, 0)?;
-    if wakeup_new.nth(ArgKind::TaskPtr, 0)? != wakeup_task {
+    let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
+    let wakeup_task = wakeup.nth(task_ptr(), 0)?;
+    if wakeup_new.nth(task_ptr(), 0)? != wakeup_task {
         return Err(Error::Btf(
             "sched_wakeup and sched_wakeup_new take the task at different positions".into(),
         ));
@@ -31,12 +38,15 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
         kernfs_node_parent: offset(btf, "kernfs_node", &["__parent"])
             .or_else(|_| offset(btf, "kernfs_node", &["parent"]))?,
         switch_preempt: switch.nth(ArgKind::Bool, 0)?,
-        switch_prev: switch.nth(ArgKind::TaskPtr, 0)?,
-        switch_next: switch.nth(ArgKind::TaskPtr, 1)?,
+        switch_prev: switch.nth(task_ptr(), 0)?,
+        switch_next: switch.nth(task_ptr(), 1)?,
         switch_prev_state: switch.nth(ArgKind::Int(4), 0)?,
-        runtime_task: runtime.nth(ArgKind::TaskPtr, 0)?,
+        runtime_task: runtime.nth(task_ptr(), 0)?,
         runtime_delta: runtime.nth(ArgKind::Int(8), 0)?,
         wakeup_task,
+        sys_exit_regs: sys_exit.nth(ArgKind::StructPtr("pt_regs".into()), 0)?,
+        sys_exit_ret: sys_exit.nth(ArgKind::Int(8), 0)?,
+        pt_regs_syscall_nr: offset(btf, "pt_regs", &[SYSCALL_NR_FIELD])?,
         slice_level,
     })
 }
@@ -103,13 +113,18 @@ fn member_bits(btf: &Btf, s: &btf_rs::Struct, path: &[&str]) -> Option<u32> {
     None
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum ArgKind {
     Bool,
-    TaskPtr,
+    /// A pointer to the struct of this name.
+    StructPtr(String),
     /// An integer of this many bytes.
     Int(usize),
     Other,
+}
+
+fn task_ptr() -> ArgKind {
+    ArgKind::StructPtr("task_struct".into())
 }
 
 /// The argument kinds of a tracepoint's `TP_PROTO`, read from the kernel's
@@ -144,9 +159,7 @@ impl TracepointArgs {
                     Type::Int(i) if i.is_bool() => ArgKind::Bool,
                     Type::Int(i) => ArgKind::Int(i.size()),
                     Type::Ptr(p) => match strip(btf, btf.resolve_chained_type(&p).map_err(err)?)? {
-                        Type::Struct(s) if btf.resolve_name(&s).ok().as_deref() == Some("task_struct") => {
-                            ArgKind::TaskPtr
-                        }
+                        Type::Struct(s) => ArgKind::StructPtr(btf.resolve_name(&s).unwrap_or_default()),
                         _ => ArgKind::Other,
                     },
                     _ => ArgKind::Other,

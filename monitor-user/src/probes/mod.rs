@@ -8,15 +8,30 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{ProbeStats, SliceFilter, WorkerCounters};
+use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, WorkerCounters};
 
 use crate::error::{Error, Result};
 
 /// The object `build.rs` compiled from `monitor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-/// The programs, each attached (`tp_btf`) to the scheduler tracepoint of its name.
-const PROGRAMS: [&str; 4] = ["sched_stat_runtime", "sched_switch", "sched_wakeup", "sched_wakeup_new"];
+/// The programs, each attached (`tp_btf`) to the tracepoint of its name.
+const PROGRAMS: [&str; 5] =
+    ["sched_stat_runtime", "sched_switch", "sched_wakeup", "sched_wakeup_new", "sys_exit"];
+
+/// This architecture's read-type, write-type and both-ways system calls (rchar/wchar).
+#[cfg(target_arch = "x86_64")]
+const IO_SYSCALLS: IoSyscalls = IoSyscalls {
+    // read, pread64, readv, preadv, preadv2
+    read: [0, 17, 19, 295, 327],
+    // write, pwrite64, writev, pwritev, pwritev2
+    write: [1, 18, 20, 296, 328],
+    // sendfile, copy_file_range
+    both: [40, 326],
+};
+#[cfg(target_arch = "aarch64")]
+const IO_SYSCALLS: IoSyscalls =
+    IoSyscalls { read: [63, 67, 65, 69, 286], write: [64, 68, 66, 70, 287], both: [71, 285] };
 
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
@@ -63,7 +78,10 @@ impl Probes {
         let aya_btf = Btf::from_sys_fs().map_err(|e| no_btf(e.to_string()))?;
         log::debug!("kernel layout: {kernel_layout:?}");
 
-        let mut ebpf = EbpfLoader::new().override_global("LAYOUT", &kernel_layout, true).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &kernel_layout, true)
+            .override_global("IO_SYSCALLS", &IO_SYSCALLS, true)
+            .load(OBJECT)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -153,6 +171,8 @@ fn sum<'a>(slots: impl Iterator<Item = &'a WorkerCounters>, now: u64) -> WorkerC
             runq_waits: a.runq_waits + v.runq_waits,
             voluntary_switches: a.voluntary_switches + v.voluntary_switches,
             involuntary_switches: a.involuntary_switches + v.involuntary_switches,
+            syscall_read_bytes: a.syscall_read_bytes + v.syscall_read_bytes,
+            syscall_write_bytes: a.syscall_write_bytes + v.syscall_write_bytes,
             running_since_ns: 0,
         }
     })

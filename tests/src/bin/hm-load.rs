@@ -6,6 +6,8 @@
 //!   hm-load forker SECS              forks short-lived children that spin ~3 ms and exit
 //!   hm-load sleep SECS               idle
 //!   hm-load alloc MIB SECS           touches MIB mebibytes of anonymous memory, then idles
+//!   hm-load rw FILE MIB SECS         write()s MIB MiB to FILE, read()s them back, then idles
+//!   hm-load pipe MIB SECS            moves MIB MiB through a pipe between two threads, then idles
 //!
 //! Arguments after these are ignored, so a test can add e.g. `--model NAME`.
 use std::time::{Duration, Instant};
@@ -83,6 +85,45 @@ fn main() {
             }
         }
         "sleep" => std::thread::sleep(Duration::from_secs(arg(&args, 1))),
+        "rw" => {
+            use std::io::{Read, Write};
+            let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
+            let chunk = vec![7u8; 1 << 20];
+            let mut f = std::fs::File::create(&path).expect("create");
+            for _ in 0..mib {
+                f.write_all(&chunk).expect("write");
+            }
+            drop(f);
+            let mut f = std::fs::File::open(&path).expect("open");
+            let mut buf = vec![0u8; 1 << 20];
+            while f.read(&mut buf).expect("read") > 0 {}
+            std::thread::sleep(Duration::from_secs(arg(&args, 3)));
+        }
+        "pipe" => {
+            let mib = arg(&args, 1);
+            let mut fds = [0; 2];
+            // SAFETY: fds has room for the two descriptors.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let writer = std::thread::spawn(move || {
+                let chunk = vec![1u8; 64 << 10];
+                for _ in 0..mib * 16 {
+                    let mut done = 0;
+                    while done < chunk.len() {
+                        // SAFETY: valid buffer and descriptor.
+                        let n =
+                            unsafe { libc::write(fds[1], chunk[done..].as_ptr().cast(), chunk.len() - done) };
+                        assert!(n > 0);
+                        done += n as usize;
+                    }
+                }
+                unsafe { libc::close(fds[1]) };
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            // SAFETY: valid buffer and descriptor.
+            while unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+            writer.join().unwrap();
+            std::thread::sleep(Duration::from_secs(arg(&args, 2)));
+        }
         "alloc" => {
             let mut block = vec![0u8; (arg(&args, 1) as usize) << 20];
             for page in block.chunks_mut(4096) {

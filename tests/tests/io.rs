@@ -1,0 +1,66 @@
+//! System-call level I/O per worker against `/proc/<pid>/io` (`rchar`, `wchar`) of the same
+//! process and against the bytes the workload knows it moved.
+use std::{path::Path, time::Duration};
+
+use hive_monitor_tests::*;
+use monitor_user::{sampler::Sampler, sources::cgroup::Slice};
+
+const HM_LOAD: &str = env!("CARGO_BIN_EXE_hm-load");
+const MIB: u64 = 1 << 20;
+
+/// `rchar` and `wchar` of a process.
+fn proc_io(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let field =
+        |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().parse::<u64>().unwrap();
+    (field("rchar:"), field("wchar:"))
+}
+
+fn wait_for(pid: u32, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while {
+        let (r, w) = proc_io(pid);
+        r < bytes || w < bytes
+    } {
+        assert!(std::time::Instant::now() < deadline, "the load did not move {bytes} bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100)); // idle now
+}
+
+fn within_1pct(ours: u64, theirs: u64) -> bool {
+    ours.abs_diff(theirs) as f64 <= theirs as f64 * 0.01
+}
+
+#[test]
+fn syscall_bytes_match_rchar_and_wchar() {
+    if !bpf_available("io_syscall") {
+        return;
+    }
+    let cg = TestCgroup::new("io");
+    let (files, pipes) = (cg.mkdir("rbee.slice/io/files"), cg.mkdir("rbee.slice/io/pipes"));
+    let mut sampler = Sampler::new(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap()).unwrap();
+    let path = std::env::temp_dir().join(format!("hm-io-{}", std::process::id()));
+    let rw = Workload::start(HM_LOAD, &files, &["rw", path.to_str().unwrap(), "32", "60"]);
+    let pipe = Workload::start(HM_LOAD, &pipes, &["pipe", "64", "60"]);
+    wait_for(rw.pid(), 32 * MIB);
+    wait_for(pipe.pid(), 64 * MIB);
+    let sample = sampler.sample().unwrap();
+    let _ = std::fs::remove_file(&path);
+
+    for (instance, load, moved) in [("files", &rw, 32 * MIB), ("pipes", &pipe, 64 * MIB)] {
+        let w = sample.workers.iter().find(|w| w.cgroup.instance == instance).unwrap();
+        let (rchar, wchar) = proc_io(load.pid());
+        let (ours_r, ours_w) = (w.counters.syscall_read_bytes, w.counters.syscall_write_bytes);
+        eprintln!("io {instance}: monitor read {ours_r} write {ours_w}; /proc io rchar {rchar} wchar {wchar}; moved {moved}");
+        assert!(
+            within_1pct(ours_r, rchar) && within_1pct(ours_w, wchar),
+            "{instance}: {ours_r}/{ours_w} vs {rchar}/{wchar}"
+        );
+        assert!(
+            within_1pct(ours_r, moved) && within_1pct(ours_w, moved),
+            "{instance}: {ours_r}/{ours_w} vs {moved} moved"
+        );
+    }
+    assert!(Path::new("/proc/self/io").exists());
+}
