@@ -10,19 +10,19 @@ use std::{
 };
 
 use axum::{
-    extract::{DefaultBodyLimit, Query, Request, State},
-    http::{header, HeaderMap, StatusCode},
-    middleware::{self, Next},
+    extract::{DefaultBodyLimit, Query, State},
+    http::StatusCode,
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 
 use crate::{
     error::{Error, Result},
     heartbeat::{Heartbeat, Worker, SCHEMA_VERSION},
+    sinks::api::{require_token, RequiredToken},
 };
 
 /// A heartbeat of a few hundred workers is well under this.
@@ -52,7 +52,6 @@ impl Hive {
 #[derive(Clone)]
 struct Queen {
     hives: Arc<Mutex<HashMap<String, Hive>>>,
-    token: Option<Arc<str>>,
 }
 
 /// Serves until the process is stopped.
@@ -61,12 +60,13 @@ pub fn run(addr: SocketAddr, token: Option<String>) -> Result<()> {
     if !addr.ip().is_loopback() && token.is_none() {
         return Err(err("a coordinator off loopback needs a token (--token-file)".into()));
     }
-    let queen = Queen { hives: Arc::new(Mutex::new(HashMap::new())), token: token.map(Into::into) };
+    let queen = Queen { hives: Arc::new(Mutex::new(HashMap::new())) };
+    let token = RequiredToken(token.map(Into::into));
     let app = Router::new()
         .route("/v1/hive-heartbeat", post(receive))
         .route("/v1/hives", get(hives))
         .route("/v1/workers", get(workers))
-        .layer(middleware::from_fn_with_state(queen.clone(), authorize))
+        .layer(middleware::from_fn_with_state(token, require_token))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(queen);
     let runtime =
@@ -77,20 +77,6 @@ pub fn run(addr: SocketAddr, token: Option<String>) -> Result<()> {
         log::info!("coordinator listening on http://{bound}");
         axum::serve(listener, app).await.map_err(|e| err(e.to_string()))
     })
-}
-
-async fn authorize(State(queen): State<Queen>, headers: HeaderMap, request: Request, next: Next) -> Response {
-    if let Some(token) = &queen.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-            return (StatusCode::UNAUTHORIZED, "token required\n").into_response();
-        }
-    }
-    next.run(request).await
 }
 
 #[derive(Serialize)]

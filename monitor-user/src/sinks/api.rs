@@ -33,7 +33,6 @@ const MAX_BODY: usize = 1024;
 #[derive(Clone)]
 struct Shared {
     latest: Arc<RwLock<Option<Arc<Heartbeat>>>>,
-    token: Option<Arc<str>>,
 }
 
 pub struct PullApi {
@@ -55,7 +54,8 @@ impl PullApi {
         let listener = std::net::TcpListener::bind(addr).map_err(|e| api_err(e.to_string()))?;
         listener.set_nonblocking(true).map_err(|e| api_err(e.to_string()))?;
         let bound = listener.local_addr().map_err(|e| api_err(e.to_string()))?;
-        let shared = Shared { latest: Arc::new(RwLock::new(None)), token: token.map(Into::into) };
+        let shared = Shared { latest: Arc::new(RwLock::new(None)) };
+        let token = RequiredToken(token.map(Into::into));
         let latest = Arc::clone(&shared.latest);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -70,7 +70,7 @@ impl PullApi {
                         .route("/v1/heartbeat", get(heartbeat))
                         .route("/v1/capabilities", get(capabilities))
                         .route("/metrics", get(metrics))
-                        .layer(middleware::from_fn_with_state(shared.clone(), authorize))
+                        .layer(middleware::from_fn_with_state(token, require_token))
                         .layer(DefaultBodyLimit::max(MAX_BODY))
                         .with_state(shared);
                     match tokio::net::TcpListener::from_std(listener) {
@@ -94,13 +94,18 @@ impl PullApi {
     }
 }
 
-async fn authorize(
-    State(shared): State<Shared>,
+/// The bearer token a server requires (`None`: open); state of `require_token`.
+#[derive(Clone)]
+pub struct RequiredToken(pub Option<Arc<str>>);
+
+/// Middleware refusing requests without the token, compared in constant time.
+pub async fn require_token(
+    State(token): State<RequiredToken>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &shared.token {
+    if let Some(token) = &token.0 {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
