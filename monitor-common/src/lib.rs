@@ -29,6 +29,9 @@ pub struct WorkerCounters {
     pub syscall_read_bytes: u64,
     /// Bytes written through write-type system calls (`wchar` semantics).
     pub syscall_write_bytes: u64,
+    /// Bytes of read requests the worker's tasks submitted to block devices (`read_bytes`
+    /// semantics): page-cache misses, readahead, page faults on mapped files, direct I/O.
+    pub storage_read_bytes: u64,
     /// Per CPU only: while a task of the worker is on this CPU, `bpf_ktime_get_ns()`
     /// (CLOCK_MONOTONIC) when the kernel last charged it or switched it in, else 0. The loader
     /// adds `now - running_since_ns`, the time accrued but not yet charged. It sits in the same
@@ -128,6 +131,11 @@ pub struct KernelLayout {
     pub sys_exit_ret: u32,
     /// The system call number in `pt_regs` (`orig_ax` on x86-64).
     pub pt_regs_syscall_nr: u32,
+    /// `block_bio_queue(struct bio *bio)`
+    pub bio_queue_bio: u32,
+    /// `bio.bi_opf` (operation in the low byte) and `bio.bi_iter.bi_size`
+    pub bio_opf: u32,
+    pub bio_size: u32,
     /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
     pub slice_level: u32,
 }

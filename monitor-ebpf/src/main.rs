@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod block_bio_queue;
 mod kernel;
 mod maps;
 mod sched_stat_runtime;

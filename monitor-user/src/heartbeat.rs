@@ -150,6 +150,9 @@ pub struct Worker {
     pub io_syscall_w_mb_s: Option<f64>,
     pub io_syscall_read_bytes_total: Option<u64>,
     pub io_syscall_write_bytes_total: Option<u64>,
+    /// Bytes of read requests sent to block devices (`read_bytes` semantics); `io_r_mb_s` is
+    /// its rate. Storage writes (`io_w_mb_s`) are not collected yet.
+    pub io_read_bytes_total: Option<u64>,
     pub memory: Option<WorkerMemory>,
     /// Per device the worker is on; `null` when GPU figures are unavailable.
     pub gpus: Option<Vec<WorkerGpuDevice>>,
@@ -212,8 +215,10 @@ pub struct Collector {
     pub runq: Source,
     pub ctx_switches: Source,
     pub memory: Source,
-    /// Storage-level I/O (`io_r_mb_s`, `io_w_mb_s`).
-    pub io: Source,
+    /// Storage-level reads (`io_r_mb_s`, `io_read_bytes_total`).
+    pub io_read: Source,
+    /// Storage-level writes (`io_w_mb_s`).
+    pub io_write: Source,
     /// System-call level I/O (`io_syscall_*`).
     pub io_syscall: Source,
     pub gpu: Source,
@@ -282,7 +287,8 @@ impl Heartbeat {
                 runq: sched,
                 ctx_switches: sched,
                 memory: Source::Cgroup,
-                io: Source::Unavailable,
+                io_read: sched,
+                io_write: Source::Unavailable,
                 io_syscall: sched,
                 gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
                 model: Source::Procfs,
@@ -311,7 +317,10 @@ impl Worker {
             vram_mb: w.gpu.as_ref().map(|g| (g.vram_bytes as f64 / MIB).round() as u64),
             model: w.model.clone(),
             uptime_s: w.uptime_s,
-            io_r_mb_s: None,
+            io_r_mb_s: w
+                .storage_read_bytes_s
+                .filter(|_| counters == CounterSource::Ebpf)
+                .map(|v| round(v / 1e6, 3)),
             io_w_mb_s: None,
             cgroup: w.cgroup.path.clone(),
             cgroup_id: w.cgroup.id,
@@ -332,6 +341,7 @@ impl Worker {
                 .map(|v| round(v / 1e6, 3)),
             io_syscall_read_bytes_total: sched(w.counters.syscall_read_bytes),
             io_syscall_write_bytes_total: sched(w.counters.syscall_write_bytes),
+            io_read_bytes_total: sched(w.counters.storage_read_bytes),
             memory: w.memory.as_ref().map(WorkerMemory::from),
             gpus: w.gpu.as_ref().map(|g| {
                 g.devices

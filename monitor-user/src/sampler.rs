@@ -39,6 +39,8 @@ pub struct WorkerSample {
     /// Bytes per second through read- and write-type system calls over the interval.
     pub syscall_read_bytes_s: Option<f64>,
     pub syscall_write_bytes_s: Option<f64>,
+    /// Bytes per second of read requests sent to block devices over the interval.
+    pub storage_read_bytes_s: Option<f64>,
     /// `None` when it could not be read this time (the cause is logged).
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
@@ -285,6 +287,11 @@ impl Sampler {
                     counters.syscall_read_bytes,
                     worker_interval,
                 ),
+                storage_read_bytes_s: per_second(
+                    prev.counters.storage_read_bytes,
+                    counters.storage_read_bytes,
+                    worker_interval,
+                ),
                 syscall_write_bytes_s: per_second(
                     prev.counters.syscall_write_bytes,
                     counters.syscall_write_bytes,
@@ -465,6 +472,7 @@ fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
         involuntary_switches: cur.involuntary_switches.max(prev.involuntary_switches),
         syscall_read_bytes: cur.syscall_read_bytes.max(prev.syscall_read_bytes),
         syscall_write_bytes: cur.syscall_write_bytes.max(prev.syscall_write_bytes),
+        storage_read_bytes: cur.storage_read_bytes.max(prev.storage_read_bytes),
         running_since_ns: 0,
     }
 }

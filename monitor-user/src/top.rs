@@ -302,6 +302,7 @@ mod tests {
             io_syscall_w_mb_s: None,
             io_syscall_read_bytes_total: None,
             io_syscall_write_bytes_total: None,
+            io_read_bytes_total: None,
             memory: None,
             gpus: None,
         }
@@ -339,7 +340,8 @@ mod tests {
                 runq: Source::Ebpf,
                 ctx_switches: Source::Ebpf,
                 memory: s,
-                io: s,
+                io_read: s,
+                io_write: s,
                 io_syscall: s,
                 gpu: s,
                 model: s,

@@ -40,7 +40,7 @@ const REFERENCE_WORKER: [&str; 11] = [
     "io_w_mb_s",
 ];
 /// Reference fields this version does not collect yet: they must be null, never 0.
-const NOT_COLLECTED: [&str; 4] = ["gpu_util_pct", "vram_mb", "io_r_mb_s", "io_w_mb_s"];
+const NOT_COLLECTED: [&str; 3] = ["gpu_util_pct", "vram_mb", "io_w_mb_s"];
 
 fn daemon(args: &[&str]) -> Output {
     Command::new(DAEMON).args(args).stdin(Stdio::null()).output().expect("run hive-monitor")
@@ -117,6 +117,7 @@ fn run_prints_one_heartbeat_per_interval() {
         "{b}"
     );
     assert_eq!(beats[2]["collector"]["io_syscall"], "ebpf");
+    assert!(b["io_r_mb_s"].as_f64().is_some() && beats[2]["collector"]["io_read"] == "ebpf", "{b}");
 }
 
 /// SPEC §7: a new worker is in the next heartbeat, an exited one gone from the next.

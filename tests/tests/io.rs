@@ -64,3 +64,49 @@ fn syscall_bytes_match_rchar_and_wchar() {
     }
     assert!(Path::new("/proc/self/io").exists());
 }
+
+/// `read_bytes` of a process.
+fn proc_read_bytes(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    text.lines().find_map(|l| l.strip_prefix("read_bytes:")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn storage_reads_match_read_bytes() {
+    if !bpf_available("io_storage") {
+        return;
+    }
+    let cg = TestCgroup::new("io_storage");
+    // The slice exists before the probes start: they count nothing until it does.
+    cg.mkdir("rbee.slice");
+    let mut sampler = Sampler::new(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap()).unwrap();
+    // On the disk the build uses (a tmpfs /tmp would never reach a block device).
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut loads = Vec::new();
+    for mode in ["coldread", "mmapread"] {
+        let worker = cg.mkdir(&format!("rbee.slice/io/{mode}"));
+        let file = dir.join(format!("hm-{mode}-{}", std::process::id()));
+        loads.push((
+            mode,
+            file.clone(),
+            Workload::start(HM_LOAD, &worker, &[mode, file.to_str().unwrap(), "32", "60"]),
+        ));
+    }
+    for (_, _, load) in &loads {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while proc_read_bytes(load.pid()) < 31 * MIB {
+            assert!(std::time::Instant::now() < deadline, "the load never read its file back from disk");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sample = sampler.sample().unwrap();
+    for (mode, file, load) in &loads {
+        let _ = std::fs::remove_file(file);
+        let w = sample.workers.iter().find(|w| w.cgroup.instance == *mode).unwrap();
+        let (ours, theirs) = (w.counters.storage_read_bytes, proc_read_bytes(load.pid()));
+        eprintln!("io {mode}: monitor storage read {ours}; /proc io read_bytes {theirs}; file {}", 32 * MIB);
+        assert!(within_1pct(ours, theirs), "{mode}: {ours} vs read_bytes {theirs}");
+        assert!(within_1pct(ours, 32 * MIB) || ours > 32 * MIB, "{mode}: {ours} of a 32 MiB file");
+    }
+}

@@ -19,6 +19,7 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let wakeup = TracepointArgs::resolve(btf, "sched_wakeup")?;
     let wakeup_new = TracepointArgs::resolve(btf, "sched_wakeup_new")?;
     let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
+    let bio_queue = TracepointArgs::resolve(btf, "block_bio_queue")?;
     let wakeup_task = wakeup.nth(task_ptr(), 0)?;
     if wakeup_new.nth(task_ptr(), 0)? != wakeup_task {
         return Err(Error::Btf(
@@ -47,6 +48,9 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
         sys_exit_regs: sys_exit.nth(ArgKind::StructPtr("pt_regs".into()), 0)?,
         sys_exit_ret: sys_exit.nth(ArgKind::Int(8), 0)?,
         pt_regs_syscall_nr: offset(btf, "pt_regs", &[SYSCALL_NR_FIELD])?,
+        bio_queue_bio: bio_queue.nth(ArgKind::StructPtr("bio".into()), 0)?,
+        bio_opf: offset(btf, "bio", &["bi_opf"])?,
+        bio_size: offset(btf, "bio", &["bi_iter", "bi_size"])?,
         slice_level,
     })
 }

@@ -8,6 +8,8 @@
 //!   hm-load alloc MIB SECS           touches MIB mebibytes of anonymous memory, then idles
 //!   hm-load rw FILE MIB SECS         write()s MIB MiB to FILE, read()s them back, then idles
 //!   hm-load pipe MIB SECS            moves MIB MiB through a pipe between two threads, then idles
+//!   hm-load coldread FILE MIB SECS   writes and syncs FILE, drops it from the page cache, read()s it
+//!   hm-load mmapread FILE MIB SECS   the same, reading through a mapping (page faults)
 //!
 //! Arguments after these are ignored, so a test can add e.g. `--model NAME`.
 use std::time::{Duration, Instant};
@@ -123,6 +125,48 @@ fn main() {
             while unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
             writer.join().unwrap();
             std::thread::sleep(Duration::from_secs(arg(&args, 2)));
+        }
+        mode @ ("coldread" | "mmapread") => {
+            use std::{io::Write, os::fd::AsRawFd};
+            let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
+            let len = (mib as usize) << 20;
+            let mut f = std::fs::File::create(&path).expect("create");
+            f.write_all(&vec![3u8; len]).expect("write");
+            f.sync_all().expect("fsync");
+            // SAFETY: a valid descriptor; DONTNEED drops the clean pages from the cache.
+            assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+            let f = std::fs::File::open(&path).expect("open");
+            let mut sum = 0u64;
+            if mode == "coldread" {
+                use std::io::Read;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut f = f;
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sum += u64::from(buf[0]);
+                }
+            } else {
+                // SAFETY: a read-only private mapping of a file we own, unmapped below.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ,
+                        libc::MAP_PRIVATE,
+                        f.as_raw_fd(),
+                        0,
+                    )
+                };
+                assert_ne!(p, libc::MAP_FAILED);
+                for off in (0..len).step_by(4096) {
+                    sum += u64::from(unsafe { *(p as *const u8).add(off) });
+                }
+                unsafe { libc::munmap(p, len) };
+            }
+            std::hint::black_box(sum);
+            std::thread::sleep(Duration::from_secs(arg(&args, 3)));
         }
         "alloc" => {
             let mut block = vec![0u8; (arg(&args, 1) as usize) << 20];
