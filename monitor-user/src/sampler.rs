@@ -245,6 +245,7 @@ impl Sampler {
 
         let mut current = reading.workers;
         let mut workers = Vec::with_capacity(cgroups.len());
+        let mut v1_members = memory::V1Members::default();
         for cg in cgroups {
             let procs = match cgroup::procs(&cg.dir) {
                 Ok(p) => p,
@@ -254,7 +255,13 @@ impl Sampler {
                 }
             };
             let main = self.main_process(cg.id, &procs);
-            let memory = match memory::read(&cg.dir, &procs, main.map(|m| m.pid), self.v1_memory.as_deref()) {
+            let memory = match memory::read(
+                &cg.dir,
+                &procs,
+                main.map(|m| m.pid),
+                self.v1_memory.as_deref(),
+                &mut v1_members,
+            ) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     log::debug!("worker {}/{}: memory left out: {e}", cg.group, cg.instance);

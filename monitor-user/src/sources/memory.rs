@@ -5,7 +5,7 @@
 //! unreadable file into 0: a cgroup that vanished mid-read would be reported as using no
 //! memory. Here it is an error, and the figure is left out.
 use std::{
-    collections::HashSet,
+    collections::{hash_map::Entry, HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
@@ -37,16 +37,31 @@ pub struct MemoryReading {
     pub oom_kills: Option<u64>,
 }
 
+/// The processes of each v1 memory cgroup looked at during one sample: when workers share
+/// one, its members are listed once, not once per worker.
+#[derive(Default)]
+pub struct V1Members(HashMap<PathBuf, HashSet<u32>>);
+
 /// Reads a worker's memory. `dir` is its v2 cgroup, `procs` every process in it and below,
 /// `v1_mount` the v1 memory hierarchy's mount point on a hybrid host.
-pub fn read(dir: &Path, procs: &[u32], main: Option<u32>, v1_mount: Option<&Path>) -> Result<MemoryReading> {
+pub fn read(
+    dir: &Path,
+    procs: &[u32],
+    main: Option<u32>,
+    v1_mount: Option<&Path>,
+    members: &mut V1Members,
+) -> Result<MemoryReading> {
     if dir.join("memory.current").exists() {
         return read_v2(dir);
     }
     if let (Some(mount), Some(main)) = (v1_mount, main) {
         let v1 = v1_memory_dir(mount, main)?;
-        let inside: HashSet<u32> = cgroup::procs(&v1)?.into_iter().collect();
-        if inside == procs.iter().copied().collect() {
+        let inside = match members.0.entry(v1.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(cgroup::procs(&v1)?.into_iter().collect()),
+        };
+        let distinct: HashSet<u32> = procs.iter().copied().collect();
+        if *inside == distinct {
             return read_v1(&v1);
         }
     }
