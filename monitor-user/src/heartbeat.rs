@@ -306,7 +306,10 @@ impl Heartbeat {
 
 impl Worker {
     fn new(w: &WorkerSample, counters: CounterSource) -> Self {
-        let sched = |v: u64| (counters == CounterSource::Ebpf).then_some(v);
+        // Figures only the probes measure: absent without them.
+        let probed = counters == CounterSource::Ebpf;
+        let sched = |v: u64| probed.then_some(v);
+        let mb_s = |v: Option<f64>| v.filter(|_| probed).map(|v| round(v / 1e6, 3));
         Worker {
             pid: w.pid,
             group: w.cgroup.group.clone(),
@@ -317,28 +320,19 @@ impl Worker {
             vram_mb: w.gpu.as_ref().map(|g| (g.vram_bytes as f64 / MIB).round() as u64),
             model: w.model.clone(),
             uptime_s: w.uptime_s,
-            io_r_mb_s: w
-                .storage_read_bytes_s
-                .filter(|_| counters == CounterSource::Ebpf)
-                .map(|v| round(v / 1e6, 3)),
+            io_r_mb_s: mb_s(w.storage_read_bytes_s),
             io_w_mb_s: None,
             cgroup: w.cgroup.path.clone(),
             cgroup_id: w.cgroup.id,
             processes: w.processes,
             cpu_ns_total: w.counters.cpu_ns,
-            runq_wait_pct: w.runq_wait_pct.filter(|_| counters == CounterSource::Ebpf).map(|v| round(v, 2)),
+            runq_wait_pct: w.runq_wait_pct.filter(|_| probed).map(|v| round(v, 2)),
             runq_wait_ns_total: sched(w.counters.runq_wait_ns),
             runq_waits_total: sched(w.counters.runq_waits),
             ctx_switches_voluntary_total: sched(w.counters.voluntary_switches),
             ctx_switches_involuntary_total: sched(w.counters.involuntary_switches),
-            io_syscall_r_mb_s: w
-                .syscall_read_bytes_s
-                .filter(|_| counters == CounterSource::Ebpf)
-                .map(|v| round(v / 1e6, 3)),
-            io_syscall_w_mb_s: w
-                .syscall_write_bytes_s
-                .filter(|_| counters == CounterSource::Ebpf)
-                .map(|v| round(v / 1e6, 3)),
+            io_syscall_r_mb_s: mb_s(w.syscall_read_bytes_s),
+            io_syscall_w_mb_s: mb_s(w.syscall_write_bytes_s),
             io_syscall_read_bytes_total: sched(w.counters.syscall_read_bytes),
             io_syscall_write_bytes_total: sched(w.counters.syscall_write_bytes),
             io_read_bytes_total: sched(w.counters.storage_read_bytes),

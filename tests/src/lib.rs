@@ -302,3 +302,19 @@ pub fn nvml_stub() -> PathBuf {
     assert!(lib.exists(), "{} missing: it is built with the tests package", lib.display());
     lib
 }
+
+/// A free loopback port, for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `name:  value` line of a `/proc` file of process `pid` (`status`, `io`), as a number;
+/// a trailing `kB` is dropped, so `VmRSS:` reads in kB.
+pub fn proc_field(pid: u32, file: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).expect("read /proc file");
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("{name} in /proc/{pid}/{file}"));
+    value.trim().trim_end_matches("kB").trim().parse().unwrap_or_else(|_| panic!("{name} {value:?}"))
+}

@@ -179,17 +179,7 @@ fn a_coordinator_that_comes_up_late_gets_the_newest_heartbeats() {
 
 /// Resident memory of a process, bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kb * 1024
+    proc_field(pid, "status", "VmRSS:") * 1024
 }
 
 #[test]

@@ -254,10 +254,6 @@ fn no_bpf_takes_cpu_from_cpu_stat_and_says_so() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn pull_api_serves_the_latest_heartbeat_and_prometheus_metrics() {
     if !bpf_available("pull_api") {

@@ -22,10 +22,6 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Polls `url` until `pred` holds of its JSON; returns how long that took.
 fn until(client: &reqwest::blocking::Client, url: &str, pred: impl Fn(&Value) -> bool) -> Duration {
     let start = Instant::now();

@@ -10,10 +10,7 @@ const MIB: u64 = 1 << 20;
 
 /// `rchar` and `wchar` of a process.
 fn proc_io(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-    let field =
-        |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().parse::<u64>().unwrap();
-    (field("rchar:"), field("wchar:"))
+    (proc_field(pid, "io", "rchar:"), proc_field(pid, "io", "wchar:"))
 }
 
 fn wait_for(pid: u32, bytes: u64) {
@@ -65,10 +62,8 @@ fn syscall_bytes_match_rchar_and_wchar() {
     assert!(Path::new("/proc/self/io").exists());
 }
 
-/// `read_bytes` of a process.
 fn proc_read_bytes(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-    text.lines().find_map(|l| l.strip_prefix("read_bytes:")).unwrap().trim().parse().unwrap()
+    proc_field(pid, "io", "read_bytes:")
 }
 
 #[test]

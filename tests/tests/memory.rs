@@ -70,16 +70,7 @@ fn a_shared_memory_cgroup_falls_back_to_proc() {
         return;
     }
     assert_eq!(m.origin, Origin::Procfs);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", load.pid())).unwrap();
-    let vm_rss: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap();
+    let vm_rss = proc_field(load.pid(), "status", "VmRSS:");
     assert_eq!(m.current, vm_rss * 1024);
     assert!(m.current >= 32 << 20 && m.peak.is_none() && m.limit.is_none(), "{m:?}");
 }
