@@ -32,6 +32,10 @@ pub struct WorkerCounters {
     /// Bytes of read requests the worker's tasks submitted to block devices (`read_bytes`
     /// semantics): page-cache misses, readahead, page faults on mapped files, direct I/O.
     pub storage_read_bytes: u64,
+    /// Bytes the worker will have written to storage (`write_bytes` semantics): page-cache
+    /// pages it dirtied on file systems that write back (counted when dirtied, as the kernel
+    /// does, not when the flusher writes them) plus direct writes it submitted.
+    pub storage_write_bytes: u64,
     /// Per CPU only: while a task of the worker is on this CPU, `bpf_ktime_get_ns()`
     /// (CLOCK_MONOTONIC) when the kernel last charged it or switched it in, else 0. The loader
     /// adds `now - running_since_ns`, the time accrued but not yet charged. It sits in the same
@@ -136,6 +140,32 @@ pub struct KernelLayout {
     /// `bio.bi_opf` (operation in the low byte) and `bio.bi_iter.bi_size`
     pub bio_opf: u32,
     pub bio_size: u32,
+    /// `bio.bi_vcnt`, `bio.bi_io_vec` and `bio_vec.bv_page`: the first page a bio carries.
+    pub bio_vcnt: u32,
+    pub bio_io_vec: u32,
+    pub bio_vec_page: u32,
+    /// `task_struct.bio_list`: set while a block driver resubmits bios on the task's behalf.
+    pub task_bio_list: u32,
+    /// `page.flags` (also `folio.flags`) and `page.compound_head` (bit 0: a tail page).
+    pub page_flags: u32,
+    pub page_compound_head: u32,
+    /// Bit numbers in `page.flags`: `PG_writeback` and `PG_head` (a large folio).
+    pub pg_writeback: u32,
+    pub pg_head: u32,
+    /// `folio._nr_pages`, the page count of a large folio.
+    pub folio_nr_pages: u32,
+    /// `writeback_dirty_folio(struct folio *folio, struct address_space *mapping)`
+    pub dirty_folio: u32,
+    pub dirty_mapping: u32,
+    /// `address_space.host`, `inode.i_sb`, `super_block.s_bdi`, `super_block.s_magic` and
+    /// `backing_dev_info.capabilities`: whether dirtied pages will be written back.
+    pub mapping_host: u32,
+    pub inode_sb: u32,
+    pub sb_bdi: u32,
+    pub sb_magic: u32,
+    pub bdi_capabilities: u32,
+    /// Bytes per page.
+    pub page_size: u32,
     /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
     pub slice_level: u32,
 }

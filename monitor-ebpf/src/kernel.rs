@@ -31,7 +31,7 @@ pub fn field<T: Copy>(base: u64, off: u32) -> T {
 
 /// A pointer field; `None` (and counted) when NULL, as for a task being torn down.
 #[inline(always)]
-fn pointer(base: u64, off: u32) -> Option<u64> {
+pub fn pointer(base: u64, off: u32) -> Option<u64> {
     let p: u64 = field(base, off);
     if p == 0 {
         if let Some(s) = stats() {

@@ -1,5 +1,6 @@
-//! hive-monitor's kernel probes: one module per scheduler event, all attached as raw
-//! tracepoints (fentry/kprobes are not available on the target kernels, see SPEC §3).
+//! hive-monitor's kernel probes: one module per kernel event (scheduler, system call, block
+//! and page-cache I/O), all attached as `tp_btf` tracepoints (fentry/kprobes are not
+//! available on the target kernels, see SPEC §3).
 //! Only tasks inside the watched slice are counted, per worker cgroup, in per-CPU maps.
 #![no_std]
 #![no_main]
@@ -11,6 +12,7 @@ mod sched_stat_runtime;
 mod sched_switch;
 mod sched_wakeup;
 mod sys_exit;
+mod writeback_dirty_folio;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

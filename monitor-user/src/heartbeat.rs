@@ -150,9 +150,11 @@ pub struct Worker {
     pub io_syscall_w_mb_s: Option<f64>,
     pub io_syscall_read_bytes_total: Option<u64>,
     pub io_syscall_write_bytes_total: Option<u64>,
-    /// Bytes of read requests sent to block devices (`read_bytes` semantics); `io_r_mb_s` is
-    /// its rate. Storage writes (`io_w_mb_s`) are not collected yet.
+    /// Storage-level cumulative bytes, of which `io_r_mb_s`/`io_w_mb_s` are the rates: read
+    /// requests sent to block devices (`read_bytes` semantics), and page-cache pages dirtied
+    /// on written-back file systems plus direct writes (`write_bytes` semantics).
     pub io_read_bytes_total: Option<u64>,
+    pub io_write_bytes_total: Option<u64>,
     pub memory: Option<WorkerMemory>,
     /// Per device the worker is on; `null` when GPU figures are unavailable.
     pub gpus: Option<Vec<WorkerGpuDevice>>,
@@ -217,7 +219,7 @@ pub struct Collector {
     pub memory: Source,
     /// Storage-level reads (`io_r_mb_s`, `io_read_bytes_total`).
     pub io_read: Source,
-    /// Storage-level writes (`io_w_mb_s`).
+    /// Storage-level writes (`io_w_mb_s`, `io_write_bytes_total`).
     pub io_write: Source,
     /// System-call level I/O (`io_syscall_*`).
     pub io_syscall: Source,
@@ -288,7 +290,7 @@ impl Heartbeat {
                 ctx_switches: sched,
                 memory: Source::Cgroup,
                 io_read: sched,
-                io_write: Source::Unavailable,
+                io_write: sched,
                 io_syscall: sched,
                 gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
                 model: Source::Procfs,
@@ -321,7 +323,7 @@ impl Worker {
             model: w.model.clone(),
             uptime_s: w.uptime_s,
             io_r_mb_s: mb_s(w.storage_read_bytes_s),
-            io_w_mb_s: None,
+            io_w_mb_s: mb_s(w.storage_write_bytes_s),
             cgroup: w.cgroup.path.clone(),
             cgroup_id: w.cgroup.id,
             processes: w.processes,
@@ -336,6 +338,7 @@ impl Worker {
             io_syscall_read_bytes_total: sched(w.counters.syscall_read_bytes),
             io_syscall_write_bytes_total: sched(w.counters.syscall_write_bytes),
             io_read_bytes_total: sched(w.counters.storage_read_bytes),
+            io_write_bytes_total: sched(w.counters.storage_write_bytes),
             memory: w.memory.as_ref().map(WorkerMemory::from),
             gpus: w.gpu.as_ref().map(|g| {
                 g.devices

@@ -39,8 +39,10 @@ pub struct WorkerSample {
     /// Bytes per second through read- and write-type system calls over the interval.
     pub syscall_read_bytes_s: Option<f64>,
     pub syscall_write_bytes_s: Option<f64>,
-    /// Bytes per second of read requests sent to block devices over the interval.
+    /// Storage-level bytes per second over the interval: read requests sent to block
+    /// devices, and pages dirtied plus direct writes.
     pub storage_read_bytes_s: Option<f64>,
+    pub storage_write_bytes_s: Option<f64>,
     /// `None` when it could not be read this time (the cause is logged).
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
@@ -299,6 +301,11 @@ impl Sampler {
                     counters.storage_read_bytes,
                     worker_interval,
                 ),
+                storage_write_bytes_s: per_second(
+                    prev.counters.storage_write_bytes,
+                    counters.storage_write_bytes,
+                    worker_interval,
+                ),
                 syscall_write_bytes_s: per_second(
                     prev.counters.syscall_write_bytes,
                     counters.syscall_write_bytes,
@@ -480,6 +487,7 @@ fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
         syscall_read_bytes: cur.syscall_read_bytes.max(prev.syscall_read_bytes),
         syscall_write_bytes: cur.syscall_write_bytes.max(prev.syscall_write_bytes),
         storage_read_bytes: cur.storage_read_bytes.max(prev.storage_read_bytes),
+        storage_write_bytes: cur.storage_write_bytes.max(prev.storage_write_bytes),
         running_since_ns: 0,
     }
 }

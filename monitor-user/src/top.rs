@@ -303,6 +303,7 @@ mod tests {
             io_syscall_read_bytes_total: None,
             io_syscall_write_bytes_total: None,
             io_read_bytes_total: None,
+            io_write_bytes_total: None,
             memory: None,
             gpus: None,
         }

@@ -39,8 +39,8 @@ const REFERENCE_WORKER: [&str; 11] = [
     "io_r_mb_s",
     "io_w_mb_s",
 ];
-/// Reference fields this version does not collect yet: they must be null, never 0.
-const NOT_COLLECTED: [&str; 3] = ["gpu_util_pct", "vram_mb", "io_w_mb_s"];
+/// Reference fields with no source on this host (no NVML): they must be null, never 0.
+const NOT_COLLECTED: [&str; 2] = ["gpu_util_pct", "vram_mb"];
 
 fn daemon(args: &[&str]) -> Output {
     Command::new(DAEMON).args(args).stdin(Stdio::null()).output().expect("run hive-monitor")
@@ -313,6 +313,10 @@ fn pull_api_serves_the_latest_heartbeat_and_prometheus_metrics() {
     );
     assert!(text.contains("# TYPE hive_worker_cpu_seconds counter") && text.ends_with("# EOF\n"), "{text}");
     assert!(!text.contains("hive_worker_vram_bytes{"), "no VRAM figure, so no series: {text}");
+    let io: Vec<_> = scrape.samples.iter().filter(|s| s.metric == "hive_worker_io_bytes_total").collect();
+    let levels: std::collections::BTreeSet<_> =
+        io.iter().map(|s| (s.labels.get("level").unwrap(), s.labels.get("direction").unwrap())).collect();
+    assert_eq!(levels.len(), 4, "storage and syscall, read and write: {text}");
 
     // Without the token: refused.
     let r = client.get(format!("{base}/v1/heartbeat")).send().unwrap();

@@ -62,46 +62,98 @@ fn syscall_bytes_match_rchar_and_wchar() {
     assert!(Path::new("/proc/self/io").exists());
 }
 
-fn proc_read_bytes(pid: u32) -> u64 {
-    proc_field(pid, "io", "read_bytes:")
+/// `read_bytes` and `write_bytes` of a process.
+fn proc_storage(pid: u32) -> (u64, u64) {
+    (proc_field(pid, "io", "read_bytes:"), proc_field(pid, "io", "write_bytes:"))
+}
+
+/// One storage workload: what it does, and the bytes it knows it reads and writes.
+struct StorageCase {
+    mode: &'static str,
+    read: u64,
+    written: u64,
 }
 
 #[test]
-fn storage_reads_match_read_bytes() {
+fn storage_bytes_match_read_and_write_bytes() {
     if !bpf_available("io_storage") {
         return;
     }
+    const MOVED: u64 = 32 * MIB;
+    let cases = [
+        // Writes and fsyncs its file, drops it from the page cache, read()s it.
+        StorageCase { mode: "coldread", read: MOVED, written: MOVED },
+        // The same, reading through a mapping: page faults submit the reads.
+        StorageCase { mode: "mmapread", read: MOVED, written: MOVED },
+        // Buffered write + fsync: counted as dirtied, not again when fsync writes it back.
+        StorageCase { mode: "writesync", read: 0, written: MOVED },
+        StorageCase { mode: "direct", read: MOVED, written: MOVED },
+        // Four children do the I/O and exit before the sample.
+        StorageCase { mode: "children", read: MOVED, written: MOVED },
+    ];
     let cg = TestCgroup::new("io_storage");
     // The slice exists before the probes start: they count nothing until it does.
     cg.mkdir("rbee.slice");
     let mut sampler = Sampler::new(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap()).unwrap();
     // On the disk the build uses (a tmpfs /tmp would never reach a block device).
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let mut loads = Vec::new();
-    for mode in ["coldread", "mmapread"] {
-        let worker = cg.mkdir(&format!("rbee.slice/io/{mode}"));
-        let file = dir.join(format!("hm-{mode}-{}", std::process::id()));
-        loads.push((
-            mode,
-            file.clone(),
-            Workload::start(HM_LOAD, &worker, &[mode, file.to_str().unwrap(), "32", "60"]),
-        ));
-    }
-    for (_, _, load) in &loads {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while proc_read_bytes(load.pid()) < 31 * MIB {
-            assert!(std::time::Instant::now() < deadline, "the load never read its file back from disk");
+    let file = |mode: &str| dir.join(format!("hm-{mode}-{}", std::process::id()));
+    let loads: Vec<_> = cases
+        .iter()
+        .map(|case| {
+            let worker = cg.mkdir(&format!("rbee.slice/io/{}", case.mode));
+            let path = file(case.mode);
+            Workload::start(HM_LOAD, &worker, &[case.mode, path.to_str().unwrap(), "32", "60"])
+        })
+        .collect();
+    for (case, load) in cases.iter().zip(&loads) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let done = || match case.mode {
+            "children" => Path::new(&format!("{}.done", file(case.mode).display())).exists(),
+            _ => {
+                let (r, w) = proc_storage(load.pid());
+                r >= case.read && w >= case.written
+            }
+        };
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{}: the load did not finish", case.mode);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     std::thread::sleep(Duration::from_millis(300));
     let sample = sampler.sample().unwrap();
-    for (mode, file, load) in &loads {
-        let _ = std::fs::remove_file(file);
-        let w = sample.workers.iter().find(|w| w.cgroup.instance == *mode).unwrap();
-        let (ours, theirs) = (w.counters.storage_read_bytes, proc_read_bytes(load.pid()));
-        eprintln!("io {mode}: monitor storage read {ours}; /proc io read_bytes {theirs}; file {}", 32 * MIB);
-        assert!(within_1pct(ours, theirs), "{mode}: {ours} vs read_bytes {theirs}");
-        assert!(within_1pct(ours, 32 * MIB) || ours > 32 * MIB, "{mode}: {ours} of a 32 MiB file");
+    for (case, load) in cases.iter().zip(&loads) {
+        let path = file(case.mode);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(format!("{}.done", path.display()));
+        let w = sample.workers.iter().find(|w| w.cgroup.instance == case.mode).unwrap();
+        let ours = (w.counters.storage_read_bytes, w.counters.storage_write_bytes);
+        // The children's own /proc/<pid>/io went with them: only the known bytes remain.
+        let kernel = (case.mode != "children").then(|| proc_storage(load.pid()));
+        eprintln!(
+            "io {}: monitor storage read {} write {}; /proc io read_bytes/write_bytes {kernel:?}; \
+             moved {}/{}",
+            case.mode, ours.0, ours.1, case.read, case.written
+        );
+        if let Some((read_bytes, write_bytes)) = kernel {
+            assert!(
+                within_1pct(ours.0, read_bytes),
+                "{}: read {} vs read_bytes {read_bytes}",
+                case.mode,
+                ours.0
+            );
+            assert!(
+                within_1pct(ours.1, write_bytes),
+                "{}: written {} vs write_bytes {write_bytes}",
+                case.mode,
+                ours.1
+            );
+        }
+        // At least what it moved (a process also reads its own pages in), within 1 %.
+        for (what, ours, moved) in [("read", ours.0, case.read), ("written", ours.1, case.written)] {
+            if moved > 0 {
+                assert!(within_1pct(ours, moved), "{}: {what} {ours} vs {moved} moved", case.mode);
+            }
+        }
     }
 }

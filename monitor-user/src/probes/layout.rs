@@ -20,6 +20,7 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let wakeup_new = TracepointArgs::resolve(btf, "sched_wakeup_new")?;
     let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
     let bio_queue = TracepointArgs::resolve(btf, "block_bio_queue")?;
+    let dirty = TracepointArgs::resolve(btf, "writeback_dirty_folio")?;
     let wakeup_task = wakeup.nth(task_ptr(), 0)?;
     if wakeup_new.nth(task_ptr(), 0)? != wakeup_task {
         return Err(Error::Btf(
@@ -51,8 +52,40 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
         bio_queue_bio: bio_queue.nth(ArgKind::StructPtr("bio".into()), 0)?,
         bio_opf: offset(btf, "bio", &["bi_opf"])?,
         bio_size: offset(btf, "bio", &["bi_iter", "bi_size"])?,
+        bio_vcnt: offset(btf, "bio", &["bi_vcnt"])?,
+        bio_io_vec: offset(btf, "bio", &["bi_io_vec"])?,
+        bio_vec_page: offset(btf, "bio_vec", &["bv_page"])?,
+        task_bio_list: offset(btf, "task_struct", &["bio_list"])?,
+        page_flags: offset(btf, "page", &["flags"])?,
+        page_compound_head: offset(btf, "page", &["compound_head"])?,
+        pg_writeback: enum_value(btf, "pageflags", "PG_writeback")?,
+        pg_head: enum_value(btf, "pageflags", "PG_head")?,
+        folio_nr_pages: offset(btf, "folio", &["_nr_pages"])?,
+        dirty_folio: dirty.nth(ArgKind::StructPtr("folio".into()), 0)?,
+        dirty_mapping: dirty.nth(ArgKind::StructPtr("address_space".into()), 0)?,
+        mapping_host: offset(btf, "address_space", &["host"])?,
+        inode_sb: offset(btf, "inode", &["i_sb"])?,
+        sb_bdi: offset(btf, "super_block", &["s_bdi"])?,
+        sb_magic: offset(btf, "super_block", &["s_magic"])?,
+        bdi_capabilities: offset(btf, "backing_dev_info", &["capabilities"])?,
+        // SAFETY: sysconf has no preconditions.
+        page_size: u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| Error::Btf("no page size from sysconf".into()))?,
         slice_level,
     })
+}
+
+/// The value of enumerator `member` of `enum name`.
+fn enum_value(btf: &Btf, name: &str, member: &str) -> Result<u32> {
+    let types = btf.resolve_types_by_name(name).map_err(|e| btf_err(format!("enum {name}"), e))?;
+    types
+        .iter()
+        .find_map(|t| match t {
+            Type::Enum(e) => e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member)),
+            _ => None,
+        })
+        .map(|m| m.val())
+        .ok_or_else(|| Error::Btf(format!("enum {name} has no {member}")))
 }
 
 fn btf_err(what: impl std::fmt::Display, e: btf_rs::Error) -> Error {

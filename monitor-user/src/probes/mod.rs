@@ -16,8 +16,15 @@ use crate::error::{Error, Result};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 /// The programs, each attached (`tp_btf`) to the tracepoint of its name.
-const PROGRAMS: [&str; 6] =
-    ["sched_stat_runtime", "sched_switch", "sched_wakeup", "sched_wakeup_new", "sys_exit", "block_bio_queue"];
+const PROGRAMS: [&str; 7] = [
+    "sched_stat_runtime",
+    "sched_switch",
+    "sched_wakeup",
+    "sched_wakeup_new",
+    "sys_exit",
+    "block_bio_queue",
+    "writeback_dirty_folio",
+];
 
 /// This architecture's read-type, write-type and both-ways system calls (rchar/wchar).
 #[cfg(target_arch = "x86_64")]
@@ -174,6 +181,7 @@ fn sum<'a>(slots: impl Iterator<Item = &'a WorkerCounters>, now: u64) -> WorkerC
             syscall_read_bytes: a.syscall_read_bytes + v.syscall_read_bytes,
             syscall_write_bytes: a.syscall_write_bytes + v.syscall_write_bytes,
             storage_read_bytes: a.storage_read_bytes + v.storage_read_bytes,
+            storage_write_bytes: a.storage_write_bytes + v.storage_write_bytes,
             running_since_ns: 0,
         }
     })

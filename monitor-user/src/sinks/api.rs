@@ -193,6 +193,16 @@ struct SwitchLabels {
     kind: &'static str,
 }
 
+/// `level`: `storage` (read_bytes/write_bytes semantics) or `syscall` (rchar/wchar).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IoLabels {
+    group: String,
+    instance: String,
+    model: String,
+    level: &'static str,
+    direction: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabels {
     device: String,
@@ -245,6 +255,7 @@ fn registry(hb: &Heartbeat) -> Registry {
     let cpu_s = Family::<WorkerLabels, F64Counter>::default();
     let runq_s = Family::<WorkerLabels, F64Counter>::default();
     let switches = Family::<SwitchLabels, Counter<u64>>::default();
+    let io = Family::<IoLabels, Counter<u64>>::default();
     for w in &hb.workers {
         let l = WorkerLabels {
             group: w.group.clone(),
@@ -279,11 +290,28 @@ fn registry(hb: &Heartbeat) -> Registry {
             };
             switches.get_or_create(&s).inc_by(n);
         }
+        for (level, direction, n) in [
+            ("storage", "read", w.io_read_bytes_total),
+            ("storage", "write", w.io_write_bytes_total),
+            ("syscall", "read", w.io_syscall_read_bytes_total),
+            ("syscall", "write", w.io_syscall_write_bytes_total),
+        ] {
+            let Some(n) = n else { continue };
+            let s = IoLabels {
+                group: l.group.clone(),
+                instance: l.instance.clone(),
+                model: l.model.clone(),
+                level,
+                direction,
+            };
+            io.get_or_create(&s).inc_by(n);
+        }
     }
     r.register("worker_cpu_percent", "Worker on-CPU time over the last interval (100 = one core)", cpu_pct);
     r.register("worker_cpu_seconds", "Worker on-CPU time charged by the kernel", cpu_s);
     r.register("worker_runq_wait_seconds", "Time worker tasks were runnable but not running", runq_s);
     r.register("worker_context_switches", "Worker context switches", switches);
+    r.register("worker_io_bytes", "Bytes the worker read and wrote, at storage and system-call level", io);
     r.register("worker_memory_bytes", "Worker memory (its memory cgroup, or summed RSS)", mem);
     r.register("worker_vram_bytes", "Worker VRAM over its processes and devices", vram);
     r.register("worker_gpu_util_percent", "Worker SM utilisation summed over devices", gpu_pct);

@@ -10,6 +10,11 @@
 //!   hm-load pipe MIB SECS            moves MIB MiB through a pipe between two threads, then idles
 //!   hm-load coldread FILE MIB SECS   writes and syncs FILE, drops it from the page cache, read()s it
 //!   hm-load mmapread FILE MIB SECS   the same, reading through a mapping (page faults)
+//!   hm-load writesync FILE MIB SECS  write()s MIB MiB to FILE through the page cache, fsync()s
+//!   hm-load direct FILE MIB SECS     writes MIB MiB to FILE with O_DIRECT, reads them back so
+//!   hm-load children FILE MIB SECS   4 child processes each write+fsync MIB/4 MiB to FILE.N,
+//!                                    read it back cold, and exit; the parent writes FILE.done
+//!                                    and idles
 //!
 //! Arguments after these are ignored, so a test can add e.g. `--model NAME`.
 use std::time::{Duration, Instant};
@@ -30,6 +35,65 @@ fn usage() -> ! {
         "usage: hm-load busy THREADS SECS | duty PCT PERIOD_MS SECS | burst SECS | forker SECS | sleep SECS"
     );
     std::process::exit(2)
+}
+
+/// Writes `len` bytes to `path` through the page cache and fsyncs them.
+fn write_synced(path: &str, len: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create");
+    let chunk = vec![5u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).expect("write");
+        left -= n as u64;
+    }
+    f.sync_all().expect("fsync");
+}
+
+/// Drops `path` from the page cache and read()s it all.
+fn read_cold(path: &str) {
+    use std::{io::Read, os::fd::AsRawFd};
+    let mut f = std::fs::File::open(path).expect("open");
+    // SAFETY: a valid descriptor; DONTNEED drops the clean pages from the cache.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf).expect("read") > 0 {}
+}
+
+/// Writes `mib` MiB to `path` with O_DIRECT, then reads them back with O_DIRECT.
+fn direct_io(path: &str, mib: u64) {
+    use std::{
+        io::{Read, Write},
+        os::unix::fs::OpenOptionsExt,
+    };
+    const CHUNK: usize = 1 << 20;
+    let layout = std::alloc::Layout::from_size_align(CHUNK, 4096).unwrap();
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!ptr.is_null());
+    // SAFETY: `ptr` holds CHUNK initialised bytes, aligned for O_DIRECT.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, CHUNK) };
+    buf.fill(9);
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .write(write)
+            .read(!write)
+            .create(write)
+            .truncate(write)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .expect("open O_DIRECT")
+    };
+    let mut f = open(true);
+    for _ in 0..mib {
+        f.write_all(buf).expect("direct write");
+    }
+    drop(f);
+    let mut f = open(false);
+    while f.read(buf).expect("direct read") > 0 {}
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
 }
 
 fn main() {
@@ -166,6 +230,43 @@ fn main() {
                 unsafe { libc::munmap(p, len) };
             }
             std::hint::black_box(sum);
+            std::thread::sleep(Duration::from_secs(arg(&args, 3)));
+        }
+        "writesync" => {
+            let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
+            write_synced(&path, mib << 20);
+            std::thread::sleep(Duration::from_secs(arg(&args, 3)));
+        }
+        "direct" => {
+            let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
+            direct_io(&path, mib);
+            std::thread::sleep(Duration::from_secs(arg(&args, 3)));
+        }
+        "children" => {
+            let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
+            let children: Vec<_> = (0..4)
+                .map(|i| {
+                    // SAFETY: the child only does file I/O and exits.
+                    match unsafe { libc::fork() } {
+                        0 => {
+                            let file = format!("{path}.{i}");
+                            write_synced(&file, (mib << 20) / 4);
+                            read_cold(&file);
+                            let _ = std::fs::remove_file(&file);
+                            unsafe { libc::_exit(0) }
+                        }
+                        pid if pid > 0 => pid,
+                        _ => panic!("fork failed"),
+                    }
+                })
+                .collect();
+            for pid in children {
+                let mut status = 0;
+                // SAFETY: our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed");
+            }
+            std::fs::write(format!("{path}.done"), b"").expect("marker");
             std::thread::sleep(Duration::from_secs(arg(&args, 3)));
         }
         "alloc" => {
