@@ -36,6 +36,11 @@ pub struct WorkerCounters {
     /// pages it dirtied on file systems that write back (counted when dirtied, as the kernel
     /// does, not when the flusher writes them) plus direct writes it submitted.
     pub storage_write_bytes: u64,
+    /// Processes (not threads) the worker's tasks forked, that ran a new program, and that
+    /// exited (their last thread).
+    pub processes_forked: u64,
+    pub execs: u64,
+    pub processes_exited: u64,
     /// Per CPU only: while a task of the worker is on this CPU, `bpf_ktime_get_ns()`
     /// (CLOCK_MONOTONIC) when the kernel last charged it or switched it in, else 0. The loader
     /// adds `now - running_since_ns`, the time accrued but not yet charged. It sits in the same
@@ -82,6 +87,35 @@ pub struct IoSyscalls {
 /// not counted and `ProbeStats::too_deep` says so.
 pub const MAX_NESTING: u32 = 16;
 
+/// Bytes of the ring buffer lifecycle events go through to the loader.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// What happened to a worker's process.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskEventKind {
+    Fork = 1,
+    Exec = 2,
+    Exit = 3,
+}
+
+/// A process of a worker forked, ran a new program, or exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskEvent {
+    /// The worker's cgroup id.
+    pub worker: u64,
+    /// CLOCK_MONOTONIC ns.
+    pub at_ns: u64,
+    /// A `TaskEventKind`.
+    pub kind: u32,
+    /// The process (thread group id): the child for a fork.
+    pub pid: u32,
+    /// For a fork, the parent process; else 0.
+    pub parent: u32,
+    pub _pad: u32,
+}
+
 /// Failures the probes count instead of losing silently.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,6 +128,9 @@ pub struct ProbeStats {
     pub read_errors: u64,
     /// Events of tasks nested more than `MAX_NESTING` cgroup levels below their worker.
     pub too_deep: u64,
+    /// Lifecycle events dropped because the ring buffer was full (their counts in
+    /// `WorkerCounters` are still exact).
+    pub events_lost: u64,
 }
 
 /// Byte offsets of the kernel struct fields the probes read, the positions of the tracepoint
@@ -130,6 +167,17 @@ pub struct KernelLayout {
     pub runtime_delta: u32,
     /// `sched_wakeup(task *p)` and `sched_wakeup_new(task *p)`
     pub wakeup_task: u32,
+    /// `task_struct.tgid`
+    pub task_tgid: u32,
+    /// `sched_process_fork(task *parent, task *child)`
+    pub fork_parent: u32,
+    pub fork_child: u32,
+    /// `sched_process_exec(task *p, pid_t old_pid, struct linux_binprm *bprm)`
+    pub exec_task: u32,
+    /// `sched_process_exit(task *p[, bool group_dead])`; `group_dead` is `u32::MAX` on
+    /// kernels without it (before 6.16), where the thread group leader's exit stands in.
+    pub exit_task: u32,
+    pub exit_group_dead: u32,
     /// `sys_exit(struct pt_regs *regs, long ret)`
     pub sys_exit_regs: u32,
     pub sys_exit_ret: u32,
@@ -179,4 +227,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeStats {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::IoSyscalls {}
+    unsafe impl aya::Pod for super::TaskEvent {}
 }

@@ -7,6 +7,7 @@
 
 mod block_bio_queue;
 mod kernel;
+mod lifecycle;
 mod maps;
 mod sched_stat_runtime;
 mod sched_switch;

@@ -5,11 +5,14 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_map_lookup_percpu_elem,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
-use monitor_common::{CurrentTask, ProbeStats, SliceFilter, WorkerCounters, MAX_QUEUED_TASKS, MAX_WORKERS};
+use monitor_common::{
+    CurrentTask, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, EVENTS_BYTES, MAX_QUEUED_TASKS,
+    MAX_WORKERS,
+};
 
 /// Worker cgroup id → counters. Per CPU, so a worker busy on many cores never contends.
 #[map]
@@ -26,6 +29,10 @@ pub static QUEUED: HashMap<u32, u64> = HashMap::with_max_entries(MAX_QUEUED_TASK
 /// The watched slice (one entry), set by the loader.
 #[map]
 pub static SLICE: Array<SliceFilter> = Array::with_max_entries(1, 0);
+
+/// Lifecycle events of the worker's processes, to the loader.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<ProbeStats> = PerCpuArray::with_max_entries(1, 0);
@@ -110,6 +117,16 @@ pub fn mark_queued(tid: u32, now: u64, replace: bool) {
             if let Some(s) = stats() {
                 s.queued_full += 1;
             }
+        }
+    }
+}
+
+/// Sends a lifecycle event; a full ring buffer is counted, not waited on.
+#[inline(always)]
+pub fn emit(event: TaskEvent) {
+    if EVENTS.output::<TaskEvent>(&event, 0).is_err() {
+        if let Some(s) = stats() {
+            s.events_lost += 1;
         }
     }
 }

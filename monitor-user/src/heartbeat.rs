@@ -155,6 +155,11 @@ pub struct Worker {
     /// on written-back file systems plus direct writes (`write_bytes` semantics).
     pub io_read_bytes_total: Option<u64>,
     pub io_write_bytes_total: Option<u64>,
+    /// Processes the worker's tasks forked, programs they exec'd, and processes that ended,
+    /// cumulative, as the kernel's fork/exec/exit tracepoints saw them; `null` without BPF.
+    pub processes_forked_total: Option<u64>,
+    pub execs_total: Option<u64>,
+    pub processes_exited_total: Option<u64>,
     pub memory: Option<WorkerMemory>,
     /// Per device the worker is on; `null` when GPU figures are unavailable.
     pub gpus: Option<Vec<WorkerGpuDevice>>,
@@ -237,6 +242,8 @@ pub struct ProbeHealth {
     pub queued_map_full: u64,
     pub read_errors: u64,
     pub nested_too_deep: u64,
+    /// Lifecycle events the ring buffer had no room for (the process counts stay exact).
+    pub events_lost: u64,
 }
 
 /// What the daemon says about itself in every heartbeat.
@@ -300,6 +307,7 @@ impl Heartbeat {
                     queued_map_full: sample.probe_stats.queued_full,
                     read_errors: sample.probe_stats.read_errors,
                     nested_too_deep: sample.probe_stats.too_deep,
+                    events_lost: sample.probe_stats.events_lost,
                 },
             },
         }
@@ -339,6 +347,9 @@ impl Worker {
             io_syscall_write_bytes_total: sched(w.counters.syscall_write_bytes),
             io_read_bytes_total: sched(w.counters.storage_read_bytes),
             io_write_bytes_total: sched(w.counters.storage_write_bytes),
+            processes_forked_total: sched(w.counters.processes_forked),
+            execs_total: sched(w.counters.execs),
+            processes_exited_total: sched(w.counters.processes_exited),
             memory: w.memory.as_ref().map(WorkerMemory::from),
             gpus: w.gpu.as_ref().map(|g| {
                 g.devices

@@ -5,7 +5,7 @@ use std::{
     time::SystemTime,
 };
 
-use monitor_common::{ProbeStats, SliceFilter, WorkerCounters};
+use monitor_common::{ProbeStats, SliceFilter, TaskEvent, TaskEventKind, WorkerCounters};
 
 use crate::{
     error::Result,
@@ -144,6 +144,9 @@ pub struct Sample {
     pub gpus: Option<Vec<DeviceReading>>,
     pub prewarm: Vec<Prewarm>,
     pub probe_stats: ProbeStats,
+    /// Lifecycle events of the workers' processes since the previous sample, oldest first
+    /// (`probe_stats.events_lost` counts those the ring buffer dropped). Empty without BPF.
+    pub events: Vec<TaskEvent>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -222,6 +225,11 @@ impl Sampler {
         })
     }
 
+    /// The loaded probes; `None` without BPF.
+    pub fn probes(&self) -> Option<&Probes> {
+        self.probes.as_ref()
+    }
+
     pub fn slice(&self) -> &Slice {
         &self.slice
     }
@@ -237,9 +245,15 @@ impl Sampler {
         }
         let cgroups = self.slice.workers()?;
         let wall = SystemTime::now();
-        let reading = match &mut self.probes {
-            Some(p) => p.read()?,
-            None => cgroup_reading(&cgroups),
+        let (reading, events) = match &mut self.probes {
+            Some(p) => {
+                let events = p.drain_events();
+                for event in events.iter().filter(|e| e.kind == TaskEventKind::Exec as u32) {
+                    self.models.forget_pid(event.pid);
+                }
+                (p.read()?, events)
+            }
+            None => (cgroup_reading(&cgroups), Vec::new()),
         };
         let interval_ns = reading.at_ns.saturating_sub(self.prev.at_ns);
         let boottime_s = procfs::boottime_s();
@@ -339,6 +353,7 @@ impl Sampler {
             gpus: gpu.map(|g| g.devices),
             prewarm,
             probe_stats: reading.stats,
+            events,
         })
     }
 
@@ -488,6 +503,9 @@ fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
         syscall_write_bytes: cur.syscall_write_bytes.max(prev.syscall_write_bytes),
         storage_read_bytes: cur.storage_read_bytes.max(prev.storage_read_bytes),
         storage_write_bytes: cur.storage_write_bytes.max(prev.storage_write_bytes),
+        processes_forked: cur.processes_forked.max(prev.processes_forked),
+        execs: cur.execs.max(prev.execs),
+        processes_exited: cur.processes_exited.max(prev.processes_exited),
         running_since_ns: 0,
     }
 }

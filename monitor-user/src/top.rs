@@ -304,6 +304,9 @@ mod tests {
             io_syscall_write_bytes_total: None,
             io_read_bytes_total: None,
             io_write_bytes_total: None,
+            processes_forked_total: None,
+            execs_total: None,
+            processes_exited_total: None,
             memory: None,
             gpus: None,
         }
@@ -352,6 +355,7 @@ mod tests {
                     queued_map_full: 0,
                     read_errors: 0,
                     nested_too_deep: 0,
+                    events_lost: 0,
                 },
             },
         }

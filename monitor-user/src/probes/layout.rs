@@ -21,6 +21,9 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
     let bio_queue = TracepointArgs::resolve(btf, "block_bio_queue")?;
     let dirty = TracepointArgs::resolve(btf, "writeback_dirty_folio")?;
+    let fork = TracepointArgs::resolve(btf, "sched_process_fork")?;
+    let exec = TracepointArgs::resolve(btf, "sched_process_exec")?;
+    let exit = TracepointArgs::resolve(btf, "sched_process_exit")?;
     let wakeup_task = wakeup.nth(task_ptr(), 0)?;
     if wakeup_new.nth(task_ptr(), 0)? != wakeup_task {
         return Err(Error::Btf(
@@ -46,6 +49,12 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
         runtime_task: runtime.nth(task_ptr(), 0)?,
         runtime_delta: runtime.nth(ArgKind::Int(8), 0)?,
         wakeup_task,
+        task_tgid: offset(btf, "task_struct", &["tgid"])?,
+        fork_parent: fork.nth(task_ptr(), 0)?,
+        fork_child: fork.nth(task_ptr(), 1)?,
+        exec_task: exec.nth(task_ptr(), 0)?,
+        exit_task: exit.nth(task_ptr(), 0)?,
+        exit_group_dead: exit.nth(ArgKind::Bool, 0).unwrap_or(u32::MAX),
         sys_exit_regs: sys_exit.nth(ArgKind::StructPtr("pt_regs".into()), 0)?,
         sys_exit_ret: sys_exit.nth(ArgKind::Int(8), 0)?,
         pt_regs_syscall_nr: offset(btf, "pt_regs", &[SYSCALL_NR_FIELD])?,

@@ -4,11 +4,11 @@ mod layout;
 use std::collections::HashMap;
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, WorkerCounters};
+use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters};
 
 use crate::error::{Error, Result};
 
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 /// The programs, each attached (`tp_btf`) to the tracepoint of its name.
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 10] = [
     "sched_stat_runtime",
     "sched_switch",
     "sched_wakeup",
@@ -24,6 +24,9 @@ const PROGRAMS: [&str; 7] = [
     "sys_exit",
     "block_bio_queue",
     "writeback_dirty_folio",
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
 ];
 
 /// This architecture's read-type, write-type and both-ways system calls (rchar/wchar).
@@ -45,6 +48,8 @@ pub struct Probes {
     workers: PerCpuHashMap<MapData, u64, WorkerCounters>,
     slice: Array<MapData, SliceFilter>,
     stats: PerCpuArray<MapData, ProbeStats>,
+    queued: aya::maps::HashMap<MapData, u32, u64>,
+    events: RingBuf<MapData>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
 }
@@ -115,6 +120,8 @@ impl Probes {
             workers: take_map(&mut ebpf, "WORKERS")?,
             slice: take_map(&mut ebpf, "SLICE")?,
             stats: take_map(&mut ebpf, "STATS")?,
+            events: take_map(&mut ebpf, "EVENTS")?,
+            queued: take_map(&mut ebpf, "QUEUED")?,
             logger,
             _ebpf: ebpf,
         })
@@ -131,6 +138,23 @@ impl Probes {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(Error::Map { map: "WORKERS", source }),
         }
+    }
+
+    /// The threads with a run-queue wait being timed now (`QUEUED`'s keys).
+    pub fn queued_tids(&self) -> Result<Vec<u32>> {
+        self.queued.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "QUEUED", source })
+    }
+
+    /// The lifecycle events sent since the last call, oldest first; never waits.
+    pub fn drain_events(&mut self) -> Vec<TaskEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() == std::mem::size_of::<TaskEvent>() {
+                // SAFETY: the size matches, TaskEvent is plain old data, and the read is unaligned.
+                events.push(unsafe { item.as_ptr().cast::<TaskEvent>().read_unaligned() });
+            }
+        }
+        events
     }
 
     /// Reads every worker's counters, each with the time its running tasks have not been
@@ -158,6 +182,7 @@ impl Probes {
             queued_full: a.queued_full + s.queued_full,
             read_errors: a.read_errors + s.read_errors,
             too_deep: a.too_deep + s.too_deep,
+            events_lost: a.events_lost + s.events_lost,
         });
         Ok(KernelReading { at_ns, workers, stats })
     }
@@ -182,6 +207,9 @@ fn sum<'a>(slots: impl Iterator<Item = &'a WorkerCounters>, now: u64) -> WorkerC
             syscall_write_bytes: a.syscall_write_bytes + v.syscall_write_bytes,
             storage_read_bytes: a.storage_read_bytes + v.storage_read_bytes,
             storage_write_bytes: a.storage_write_bytes + v.storage_write_bytes,
+            processes_forked: a.processes_forked + v.processes_forked,
+            execs: a.execs + v.execs,
+            processes_exited: a.processes_exited + v.processes_exited,
             running_since_ns: 0,
         }
     })

@@ -46,6 +46,12 @@ impl ModelNames {
         self.found.lock().unwrap_or_else(|e| e.into_inner()).get(&process).cloned().flatten()
     }
 
+    /// Forgets what process `pid` was running: it ran a new program, whose command line is
+    /// read afresh at the next `get`.
+    pub fn forget_pid(&mut self, pid: u32) {
+        self.retain(|k| k.0 != pid);
+    }
+
     /// Drops what is known about processes not in `live`.
     pub fn retain(&mut self, live: impl Fn(&ProcessKey) -> bool) {
         self.asked.retain(|k| live(k));

@@ -12,6 +12,8 @@
 //!   hm-load mmapread FILE MIB SECS   the same, reading through a mapping (page faults)
 //!   hm-load writesync FILE MIB SECS  write()s MIB MiB to FILE through the page cache, fsync()s
 //!   hm-load direct FILE MIB SECS     writes MIB MiB to FILE with O_DIRECT, reads them back so
+//!   hm-load forks COUNT FILE SECS    forks COUNT children one after another, each spinning ~1 ms,
+//!                                    then writes FILE and idles
 //!   hm-load children FILE MIB SECS   4 child processes each write+fsync MIB/4 MiB to FILE.N,
 //!                                    read it back cold, and exit; the parent writes FILE.done
 //!                                    and idles
@@ -240,6 +242,24 @@ fn main() {
         "direct" => {
             let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
             direct_io(&path, mib);
+            std::thread::sleep(Duration::from_secs(arg(&args, 3)));
+        }
+        "forks" => {
+            let (count, path) = (arg(&args, 1), args.get(2).unwrap_or_else(|| usage()).clone());
+            for _ in 0..count {
+                // SAFETY: the child only spins and exits.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        spin_for(Duration::from_millis(1));
+                        unsafe { libc::_exit(0) }
+                    }
+                    pid if pid > 0 => unsafe {
+                        libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    },
+                    _ => panic!("fork failed"),
+                }
+            }
+            std::fs::write(&path, b"").expect("marker");
             std::thread::sleep(Duration::from_secs(arg(&args, 3)));
         }
         "children" => {
