@@ -56,8 +56,9 @@ pub struct WorkerSample {
 pub struct WorkerGpu {
     /// Summed over the processes the driver reports memory for.
     pub vram_bytes: u64,
-    /// Summed per-device SM utilisation (100 = one device fully busy); `None` when the
-    /// worker is on no GPU, or on none that reports per-process utilisation.
+    /// Summed per-device SM utilisation (100 = one device fully busy); 0 when every device
+    /// was read and the worker is on none; `None` when that is not known (a device lost or
+    /// unreadable, or the worker's devices do not report per-process utilisation).
     pub sm_util_pct: Option<f64>,
     /// Per device it is on: (index, VRAM bytes, SM utilisation %).
     pub devices: Vec<(u32, u64, Option<f64>)>,
@@ -465,7 +466,11 @@ fn worker_gpu(gpu: &GpuReading, procs: &[u32]) -> WorkerGpu {
     let utils: Vec<f64> = devices.iter().filter_map(|d| d.2).collect();
     WorkerGpu {
         vram_bytes: devices.iter().map(|d| d.1).sum(),
-        sm_util_pct: (!utils.is_empty()).then(|| utils.iter().sum()),
+        sm_util_pct: match (devices.is_empty(), utils.is_empty()) {
+            (true, _) => gpu.complete.then_some(0.0),
+            (false, true) => None,
+            (false, false) => Some(utils.iter().sum()),
+        },
         devices,
     }
 }

@@ -153,6 +153,13 @@ fn failures_degrade_without_fabricating() {
     let gb = worker(&s, "b").gpu.clone().unwrap();
     assert_eq!((gb.vram_bytes, gb.sm_util_pct), (GIB, None), "VRAM known, utilisation not supported");
 
+    // Every device read, and b on none of them: a measured zero, which the reference's
+    // idle test (`gpu_util_pct == 0.0`) relies on.
+    f.write(json!({ "devices": [device(0, 20, json!([{ "pid": a1, "used_memory": GIB }]), json!([]))] }));
+    let s = f.sampler().sample().unwrap();
+    let gb = worker(&s, "b").gpu.clone().unwrap();
+    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (0, Some(0.0)), "b uses no GPU");
+
     // No library at all: GPU figures are absent, never zero.
     std::env::remove_var("NVML_STUB_SCENARIO");
     let mut sampler = f.sampler();

@@ -42,6 +42,9 @@ pub struct GpuReading {
     pub devices: Vec<DeviceReading>,
     /// pid → its use of each device it is on.
     pub processes: HashMap<u32, Vec<ProcessOnDevice>>,
+    /// Every device's process lists and per-process utilisation were read: a process on
+    /// none of them uses no GPU (a measured zero, not a missing figure).
+    pub complete: bool,
 }
 
 pub struct Gpus {
@@ -70,16 +73,18 @@ impl Gpus {
     }
 
     pub fn read(&mut self) -> GpuReading {
-        let mut reading = GpuReading::default();
+        let mut reading = GpuReading { complete: true, ..Default::default() };
         let count = match self.nvml.device_count() {
             Ok(n) => n,
             Err(e) => {
                 log::warn!("NVML device count: {e}");
+                reading.complete = false;
                 return reading;
             }
         };
         for index in 0..count {
             if self.lost.get(&index).is_some_and(|at| at.elapsed() < REPROBE_AFTER) {
+                reading.complete = false;
                 continue;
             }
             match self.read_device(index, &mut reading) {
@@ -94,8 +99,12 @@ impl Gpus {
                     );
                     self.lost.insert(index, Instant::now());
                     self.last_seen.remove(&index);
+                    reading.complete = false;
                 }
-                Err(e) => log::warn!("GPU {index}: {e}"),
+                Err(e) => {
+                    log::warn!("GPU {index}: {e}");
+                    reading.complete = false;
+                }
             }
         }
         reading
@@ -139,7 +148,10 @@ impl Gpus {
                     }
                 }
                 Err(NvmlError::GpuLost) => return Err(NvmlError::GpuLost),
-                Err(e) => log::debug!("GPU {index} processes: {e}"),
+                Err(e) => {
+                    log::debug!("GPU {index} processes: {e}");
+                    reading.complete = false;
+                }
             }
         }
 
@@ -160,6 +172,7 @@ impl Gpus {
             Err(e) => {
                 log::debug!("GPU {index} process utilisation: {e}");
                 util = None;
+                reading.complete = false;
             }
         }
 
