@@ -350,6 +350,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
                 }
             }
         }
+        // Read by `cargo xtask bench` (RUST_LOG=latency=debug).
+        log::debug!(
+            target: "latency",
+            "heartbeat {} handed to the sink {} us after its interval ended",
+            heartbeat.seq,
+            monotonic_ns().saturating_sub(deadline) / 1000
+        );
         sent += 1;
         if stopping {
             log::info!("stopping after heartbeat {}", heartbeat.seq);

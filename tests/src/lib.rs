@@ -186,36 +186,44 @@ impl Workload {
     /// Runs `exe ARGS…` with its first instruction already inside each of `cgroups` (one per
     /// hierarchy).
     pub fn start_in(exe: &str, cgroups: &[&Path], args: &[&str]) -> Self {
-        let procs: Vec<CString> = cgroups
-            .iter()
-            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap())
-            .collect();
-        let mut cmd = Command::new(exe);
-        cmd.args(args);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for path in &procs {
-                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                    libc::close(fd);
-                    if !ok {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {cgroups:?}: {e}"));
+        let child = command_in(exe, cgroups, args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {exe} {args:?} in {cgroups:?}: {e}"));
         Self { child }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// `exe ARGS…`, to be run with its first instruction already inside each of `cgroups` (one
+/// per hierarchy).
+pub fn command_in(exe: &str, cgroups: &[&Path], args: &[&str]) -> Command {
+    let procs: Vec<CString> = cgroups
+        .iter()
+        .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap())
+        .collect();
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for path in &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 impl Drop for Workload {

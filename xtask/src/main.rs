@@ -1,4 +1,4 @@
-//! `cargo xtask build | run | test`: the developer's entry points. Each first runs
+//! `cargo xtask build | run | test | bench`: the developer's entry points. Each first runs
 //! `scripts/setup`, which installs the eBPF toolchain when it is missing and otherwise
 //! returns in a fraction of a second.
 use std::{
@@ -25,6 +25,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the monitor's cost and accuracy (as root): prints tables and writes the
+    /// figures to target/bench/bench.json.
+    Bench,
     /// Run every test (the workspace's default members: all but the BPF-only crate), the
     /// privileged ones against the running kernel.
     Test {
@@ -55,6 +58,28 @@ fn xtask(cli: Cli) -> Result<()> {
             let daemon = root.join("target/release/hive-monitor");
             let args = if args.is_empty() { vec!["run".to_string()] } else { args };
             run(Command::new(daemon).args(args))
+        }
+        Cmd::Bench => {
+            run(Command::new(cargo()).current_dir(&root).args([
+                "build",
+                "--release",
+                "--package",
+                "monitor-user",
+                "--package",
+                "hive-monitor-tests",
+                "--bins",
+            ]))?;
+            let release = root.join("target/release");
+            let dir = root.join("target/bench");
+            run(Command::new(release.join("hm-bench"))
+                .arg("--daemon")
+                .arg(release.join("hive-monitor"))
+                .arg("--load")
+                .arg(release.join("hm-load"))
+                .arg("--out")
+                .arg(dir.join("bench.json"))
+                .arg("--scratch")
+                .arg(&dir))
         }
         Cmd::Test { args } => run(Command::new(cargo()).current_dir(&root).arg("test").args(args)),
     }

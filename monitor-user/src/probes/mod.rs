@@ -51,7 +51,7 @@ pub struct Probes {
     queued: aya::maps::HashMap<MapData, u32, u64>,
     events: RingBuf<MapData>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 /// One worker's counters, summed over CPUs, as of one instant.
@@ -62,6 +62,14 @@ pub struct WorkerReading {
     /// `cpu_ns` includes the time the worker's running tasks accrued since the kernel last
     /// charged them; `running_since_ns` is 0.
     pub counters: WorkerCounters,
+}
+
+/// What the kernel measured of one program (with `kernel.bpf_stats_enabled`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 /// Every worker's counters, read in one pass.
@@ -123,7 +131,7 @@ impl Probes {
             events: take_map(&mut ebpf, "EVENTS")?,
             queued: take_map(&mut ebpf, "QUEUED")?,
             logger,
-            _ebpf: ebpf,
+            ebpf,
         })
     }
 
@@ -138,6 +146,28 @@ impl Probes {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(Error::Map { map: "WORKERS", source }),
         }
+    }
+
+    /// Each program's run count and total run time, from its file descriptor's fdinfo.
+    /// The kernel counts them only while `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.ebpf
+            .programs()
+            .map(|(name, program)| {
+                let fd = program.fd().map_err(|source| Error::Program { program: "stats", source })?;
+                let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+                let info = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let field = |key: &str| {
+                    info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
+                };
+                Ok(ProgramStats {
+                    name: name.to_string(),
+                    run_count: field("run_cnt:").unwrap_or(0),
+                    run_time_ns: field("run_time_ns:").unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// The threads with a run-queue wait being timed now (`QUEUED`'s keys).

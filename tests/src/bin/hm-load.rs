@@ -14,6 +14,8 @@
 //!   hm-load direct FILE MIB SECS     writes MIB MiB to FILE with O_DIRECT, reads them back so
 //!   hm-load forks COUNT FILE SECS    forks COUNT children one after another, each spinning ~1 ms,
 //!                                    then writes FILE and idles
+//!   hm-load pingpong MS              two threads pass a byte back and forth over two pipes for MS
+//!                                    milliseconds, then print the round trips per second
 //!   hm-load children FILE MIB SECS   4 child processes each write+fsync MIB/4 MiB to FILE.N,
 //!                                    read it back cold, and exit; the parent writes FILE.done
 //!                                    and idles
@@ -243,6 +245,32 @@ fn main() {
             let (path, mib) = (args.get(1).unwrap_or_else(|| usage()).clone(), arg(&args, 2));
             direct_io(&path, mib);
             std::thread::sleep(Duration::from_secs(arg(&args, 3)));
+        }
+        "pingpong" => {
+            let run_for = Duration::from_millis(arg(&args, 1));
+            let (mut there, mut back) = ([0; 2], [0; 2]);
+            // SAFETY: each array has room for two descriptors.
+            assert!(unsafe { libc::pipe(there.as_mut_ptr()) == 0 && libc::pipe(back.as_mut_ptr()) == 0 });
+            let echo = std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                // SAFETY: valid buffer and descriptors; a closed write end ends the loop.
+                while unsafe { libc::read(there[0], b.as_mut_ptr().cast(), 1) } == 1 {
+                    unsafe { libc::write(back[1], b.as_ptr().cast(), 1) };
+                }
+            });
+            let (start, mut trips, mut b) = (Instant::now(), 0u64, [0u8; 1]);
+            while start.elapsed() < run_for {
+                // SAFETY: as above.
+                unsafe {
+                    libc::write(there[1], b.as_ptr().cast(), 1);
+                    libc::read(back[0], b.as_mut_ptr().cast(), 1);
+                }
+                trips += 1;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            unsafe { libc::close(there[1]) };
+            echo.join().unwrap();
+            println!("{:.0}", trips as f64 / elapsed);
         }
         "forks" => {
             let (count, path) = (arg(&args, 1), args.get(2).unwrap_or_else(|| usage()).clone());
