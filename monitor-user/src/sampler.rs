@@ -12,7 +12,7 @@ use crate::{
     probes::{KernelReading, Probes, WorkerReading},
     sources::{
         cgroup::{self, Slice, WorkerCgroup},
-        memory::{self, MemoryReading},
+        memory::{MemoryReading, MemorySource},
         model::ModelNames,
         nvml::{DeviceReading, GpuReading, Gpus},
         procfs::{self, HostCpu},
@@ -164,8 +164,7 @@ pub struct Sampler {
     prev: KernelReading,
     mains: HashMap<u64, MainProcess>,
     models: ModelNames,
-    /// The v1 memory hierarchy, on a hybrid host.
-    v1_memory: Option<std::path::PathBuf>,
+    memory: MemorySource,
     host_cpu: Option<HostCpu>,
     gpus: Option<Gpus>,
     prewarm_threshold_pct: f64,
@@ -215,7 +214,7 @@ impl Sampler {
             prev,
             mains: HashMap::new(),
             models: ModelNames::new(),
-            v1_memory: v1_memory_mount(),
+            memory: MemorySource::new(v1_memory_mount()),
             host_cpu: procfs::host_cpu().ok(),
             gpus: Gpus::open(options.nvml_lib.as_deref()),
             prewarm_threshold_pct: options.prewarm_threshold_pct,
@@ -262,9 +261,9 @@ impl Sampler {
 
         let mut current = reading.workers;
         let mut workers = Vec::with_capacity(cgroups.len());
-        let mut v1_members = memory::V1Members::default();
+        self.memory.begin_sample();
         for cg in cgroups {
-            let procs = match cgroup::procs(&cg.dir) {
+            let procs = match cgroup::worker_procs(&cg) {
                 Ok(p) => p,
                 Err(e) => {
                     log::debug!("worker {}/{} skipped: {e}", cg.group, cg.instance);
@@ -272,13 +271,7 @@ impl Sampler {
                 }
             };
             let main = self.main_process(cg.id, &procs);
-            let memory = match memory::read(
-                &cg.dir,
-                &procs,
-                main.map(|m| m.pid),
-                self.v1_memory.as_deref(),
-                &mut v1_members,
-            ) {
+            let memory = match self.memory.read(&cg.dir, &procs, main.map(|m| m.pid)) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     log::debug!("worker {}/{}: memory left out: {e}", cg.group, cg.instance);
@@ -339,6 +332,8 @@ impl Sampler {
         self.mains.retain(|id, _| seen.contains(id));
         let live: HashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
         self.models.retain(|k| live.contains(k));
+        let live_pids: HashSet<u32> = live.iter().map(|m| m.0).collect();
+        self.memory.retain_mains(|pid| live_pids.contains(&pid));
         let host = self.host();
         let prewarm = gpu.as_ref().map(|g| self.prewarm(&g.devices)).unwrap_or_default();
         self.prev = KernelReading { at_ns: reading.at_ns, workers: current, stats: reading.stats };

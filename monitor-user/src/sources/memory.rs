@@ -37,41 +37,74 @@ pub struct MemoryReading {
     pub oom_kills: Option<u64>,
 }
 
-/// The processes of each v1 memory cgroup looked at during one sample: when workers share
-/// one, its members are listed once, not once per worker.
-#[derive(Default)]
-pub struct V1Members(HashMap<PathBuf, HashSet<u32>>);
+/// How often the v1 memory cgroup of each main process is looked up again; between lookups
+/// it is taken from the last one (a worker's cgroups rarely change).
+const V1_DIR_REFRESH: u64 = 60;
 
-/// Reads a worker's memory. `dir` is its v2 cgroup, `procs` every process in it and below,
-/// `v1_mount` the v1 memory hierarchy's mount point on a hybrid host.
-pub fn read(
-    dir: &Path,
-    procs: &[u32],
-    main: Option<u32>,
-    v1_mount: Option<&Path>,
-    members: &mut V1Members,
-) -> Result<MemoryReading> {
-    if dir.join("memory.current").exists() {
-        return read_v2(dir);
+/// Reads workers' memory, keeping what stays the same from one sample to the next.
+pub struct MemorySource {
+    /// The v1 memory hierarchy's mount point, on a hybrid host (there the v2 tree has no
+    /// memory controller).
+    v1_mount: Option<PathBuf>,
+    /// Main process → its v1 memory cgroup, as of the last lookup.
+    v1_dirs: HashMap<u32, PathBuf>,
+    /// The processes of each v1 memory cgroup looked at during this sample: when workers
+    /// share one, its members are listed once, not once per worker.
+    v1_members: HashMap<PathBuf, HashSet<u32>>,
+    samples: u64,
+}
+
+impl MemorySource {
+    pub fn new(v1_mount: Option<PathBuf>) -> Self {
+        Self { v1_mount, v1_dirs: HashMap::new(), v1_members: HashMap::new(), samples: 0 }
     }
-    if let (Some(mount), Some(main)) = (v1_mount, main) {
-        let v1 = v1_memory_dir(mount, main)?;
-        let inside = match members.0.entry(v1.clone()) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(cgroup::procs(&v1)?.into_iter().collect()),
-        };
-        let distinct: HashSet<u32> = procs.iter().copied().collect();
-        if *inside == distinct {
-            return read_v1(&v1);
+
+    /// Starts a sample: what was listed for the last one is stale.
+    pub fn begin_sample(&mut self) {
+        self.v1_members.clear();
+        self.samples += 1;
+        if self.samples.is_multiple_of(V1_DIR_REFRESH) {
+            self.v1_dirs.clear();
         }
     }
-    read_procfs(procs)
+
+    /// Forgets the main processes not in `live`.
+    pub fn retain_mains(&mut self, live: impl Fn(u32) -> bool) {
+        self.v1_dirs.retain(|pid, _| live(*pid));
+    }
+
+    /// Reads a worker's memory. `dir` is its v2 cgroup, `procs` every process in it and
+    /// below. A v1 memory cgroup found stale (the main process moved) gives no wrong figure:
+    /// its members no longer equal `procs`, so the processes are summed instead until the
+    /// next lookup.
+    pub fn read(&mut self, dir: &Path, procs: &[u32], main: Option<u32>) -> Result<MemoryReading> {
+        let Some(mount) = &self.v1_mount else {
+            if dir.join("memory.current").exists() {
+                return read_v2(dir);
+            }
+            return read_procfs(procs);
+        };
+        if let Some(main) = main {
+            let v1 = match self.v1_dirs.entry(main) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(v1_memory_dir(mount, main)?),
+            };
+            let inside = match self.v1_members.entry(v1.clone()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(cgroup::procs(v1)?.into_iter().collect()),
+            };
+            if inside.len() == procs.len() && procs.iter().all(|p| inside.contains(p)) {
+                return read_v1(v1);
+            }
+        }
+        read_procfs(procs)
+    }
 }
 
 /// The v1 memory cgroup of process `pid`.
 fn v1_memory_dir(mount: &Path, pid: u32) -> Result<PathBuf> {
     let path = format!("/proc/{pid}/cgroup");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = super::read_small(path.as_ref()).map_err(|e| Error::io(&path, e))?;
     let rel = text
         .lines()
         .find_map(|l| {
@@ -119,38 +152,44 @@ fn read_v1(dir: &Path) -> Result<MemoryReading> {
     })
 }
 
-/// Sums `VmRSS` (`RssAnon`, `RssFile` + `RssShmem`) of the processes; one that exited
-/// meanwhile holds no memory any more and is skipped.
+/// Sums the resident memory of the processes from `/proc/<pid>/statm` (far cheaper for the
+/// kernel to produce than `status`): resident pages, of which `shared` are file-backed or
+/// shmem (`RssFile` + `RssShmem`) and the rest anonymous. A process that exited meanwhile
+/// holds no memory any more and is skipped.
 fn read_procfs(procs: &[u32]) -> Result<MemoryReading> {
-    let mut total = MemoryReading {
-        origin: Origin::Procfs,
-        current: 0,
-        anon: Some(0),
-        file: Some(0),
-        peak: None,
-        limit: None,
-        oom_kills: None,
-    };
+    let page = page_size();
+    let (mut resident, mut shared) = (0, 0);
     for pid in procs {
-        let path = format!("/proc/{pid}/status");
-        let status = match std::fs::read_to_string(&path) {
+        let path = format!("/proc/{pid}/statm");
+        let statm = match super::read_small(path.as_ref()) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let kb = |name: &str| status_kb(&status, name);
-        // Kernel threads have no VmRSS line; they hold no user memory.
-        total.current += kb("VmRSS:").unwrap_or(0);
-        total.anon = total.anon.zip(kb("RssAnon:")).map(|(a, b)| a + b);
-        total.file = total.file.zip(kb("RssFile:")).zip(kb("RssShmem:")).map(|((a, b), c)| a + b + c);
+        let (r, s) = statm_pages(&statm).ok_or_else(|| invalid(&path, "not size resident shared ..."))?;
+        resident += r;
+        shared += s;
     }
-    Ok(total)
+    Ok(MemoryReading {
+        origin: Origin::Procfs,
+        current: resident * page,
+        anon: Some(resident.saturating_sub(shared) * page),
+        file: Some(shared * page),
+        peak: None,
+        limit: None,
+        oom_kills: None,
+    })
 }
 
-/// A `Name:  123 kB` line of `/proc/<pid>/status`, in bytes.
-fn status_kb(status: &str, name: &str) -> Option<u64> {
-    let v = status.lines().find_map(|l| l.strip_prefix(name))?;
-    v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok().map(|kb| kb * 1024)
+/// Resident and shared pages: the second and third fields of `statm`.
+fn statm_pages(statm: &str) -> Option<(u64, u64)> {
+    let mut fields = statm.split_whitespace().skip(1).map(|v| v.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
 /// A `name value` line of a flat-keyed cgroup file.
@@ -162,7 +201,7 @@ fn field(text: &str, name: &str) -> Option<u64> {
 }
 
 fn read_file(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    super::read_small(path).map_err(|e| Error::io(path, e))
 }
 
 fn read_u64(path: &Path) -> Result<u64> {
@@ -190,12 +229,10 @@ mod tests {
     }
 
     #[test]
-    fn status_lines() {
-        let status = "Name:\tx\nVmRSS:\t    2048 kB\nRssAnon:\t  1024 kB\nBad:\t12\n";
-        assert_eq!(status_kb(status, "VmRSS:"), Some(2 << 20));
-        assert_eq!(status_kb(status, "RssAnon:"), Some(1 << 20));
-        assert_eq!(status_kb(status, "Bad:"), None);
-        assert_eq!(status_kb(status, "RssFile:"), None);
+    fn statm_fields() {
+        assert_eq!(statm_pages("765 438 410 5 0 123 0\n"), Some((438, 410)));
+        assert_eq!(statm_pages("765 x 410"), None);
+        assert_eq!(statm_pages("765"), None);
     }
 
     #[test]
