@@ -323,7 +323,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
         if stopping {
             heartbeat.hive.operational_status = "stopping".into();
         }
-        api.publish(&heartbeat);
+        let heartbeat = Arc::new(heartbeat);
+        api.publish(Arc::clone(&heartbeat));
         match &mut sink {
             Sink::Stdout(out) => match out.send(&heartbeat) {
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),

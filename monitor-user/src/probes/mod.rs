@@ -95,6 +95,10 @@ impl Probes {
         let no_btf = |reason: String| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason };
         let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF).map_err(|e| no_btf(e.to_string()))?;
         let kernel_layout = layout::resolve(&btf, slice_level)?;
+        // Each parse of the kernel's BTF takes tens of MiB: one at a time keeps the peak down.
+        drop(btf);
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         let aya_btf = Btf::from_sys_fs().map_err(|e| no_btf(e.to_string()))?;
         log::debug!("kernel layout: {kernel_layout:?}");
 
@@ -119,9 +123,9 @@ impl Probes {
             program.load(name, &aya_btf).map_err(|source| Error::Program { program: name, source })?;
             program.attach().map_err(|source| Error::Program { program: name, source })?;
         }
-        // Parsing the kernel's BTF (twice: for the layout and for aya) took tens of MiB that
-        // are free now; hand them back rather than keep them resident for the daemon's life.
-        drop((btf, aya_btf));
+        // Parsing the kernel's BTF took tens of MiB that are free now; hand them back rather
+        // than keep them resident for the daemon's life.
+        drop(aya_btf);
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
         Ok(Self {

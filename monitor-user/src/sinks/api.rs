@@ -89,8 +89,8 @@ impl PullApi {
     }
 
     /// Makes `heartbeat` the one served.
-    pub fn publish(&self, heartbeat: &Heartbeat) {
-        *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(heartbeat.clone()));
+    pub fn publish(&self, heartbeat: Arc<Heartbeat>) {
+        *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(heartbeat);
     }
 }
 

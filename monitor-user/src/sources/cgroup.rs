@@ -60,6 +60,8 @@ pub struct WorkerCgroup {
     pub dir: PathBuf,
     /// Path relative to the cgroup2 root, as `/proc/<pid>/cgroup` shows it (leading `/`).
     pub path: String,
+    /// Whether it had child cgroups when found.
+    pub nested: bool,
 }
 
 impl Slice {
@@ -106,9 +108,8 @@ impl Slice {
     pub fn workers(&self) -> Result<Vec<WorkerCgroup>> {
         let dir = self.dir();
         let mut out = Vec::new();
-        for (group, group_dir) in subdirs(&dir)? {
-            for (instance, instance_dir) in subdirs(&group_dir)? {
-                let Ok(meta) = std::fs::metadata(&instance_dir) else { continue }; // just removed
+        for (group, group_dir, _) in subdirs(&dir)? {
+            for (instance, instance_dir, meta) in subdirs(&group_dir)? {
                 let path = format!("/{}/{group}/{instance}", self.rel.display());
                 out.push(WorkerCgroup {
                     id: meta.ino(),
@@ -116,6 +117,7 @@ impl Slice {
                     instance,
                     dir: instance_dir,
                     path,
+                    nested: has_children(&meta),
                 });
             }
         }
@@ -124,8 +126,15 @@ impl Slice {
     }
 }
 
-/// Child cgroups of `dir` with valid names. A directory that vanished has none.
-fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// A cgroup directory's link count is 2 + its child cgroups (kernfs keeps it so): a stat
+/// spares listing the ~30 interface files of a cgroup without children.
+fn has_children(meta: &std::fs::Metadata) -> bool {
+    meta.nlink() > 2
+}
+
+/// Child cgroups of `dir` with valid names, each with its metadata (read relative to `dir`,
+/// a short path walk). A directory that vanished has none.
+fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf, std::fs::Metadata)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -137,8 +146,9 @@ fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
+        let Ok(meta) = entry.metadata() else { continue }; // just removed
         match entry.file_name().into_string() {
-            Ok(name) if valid_name(&name) => out.push((name, entry.path())),
+            Ok(name) if valid_name(&name) => out.push((name, entry.path(), meta)),
             name => log::warn!("skipping cgroup with an invalid name {:?} in {}", name, dir.display()),
         }
     }
@@ -149,7 +159,7 @@ fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// in ns. Present on every v2 cgroup, with or without the cpu controller.
 pub fn cpu_usage_ns(dir: &Path) -> Result<u64> {
     let path = dir.join("cpu.stat");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = super::read_small(path.as_ref()).map_err(|e| Error::io(&path, e))?;
     text.lines()
         .find_map(|l| l.strip_prefix("usage_usec "))
         .and_then(|v| v.trim().parse::<u64>().ok())
@@ -161,19 +171,38 @@ pub fn cpu_usage_ns(dir: &Path) -> Result<u64> {
 
 /// Processes in the cgroup at `dir` and every cgroup below it.
 pub fn procs(dir: &Path) -> Result<Vec<u32>> {
+    procs_below(dir, std::fs::metadata(dir).is_ok_and(|m| has_children(&m)))
+}
+
+/// The processes of a worker, in its cgroup and below.
+pub fn worker_procs(worker: &WorkerCgroup) -> Result<Vec<u32>> {
+    procs_below(&worker.dir, worker.nested)
+}
+
+fn procs_below(dir: &Path, nested: bool) -> Result<Vec<u32>> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
+    let mut stack = vec![(dir.to_path_buf(), nested)];
+    while let Some((d, nested)) = stack.pop() {
         let file = d.join("cgroup.procs");
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = super::read_small(&file).map_err(|e| Error::io(&file, e))?;
         out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        if let Ok(entries) = std::fs::read_dir(&d) {
-            stack.extend(
-                entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()),
-            );
+        if !nested {
+            continue;
+        }
+        if let Ok(children) = subdirs_any(&d) {
+            stack.extend(children);
         }
     }
     Ok(out)
+}
+
+/// Every child directory of `dir`, whatever its name, and whether it has children.
+fn subdirs_any(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
+    Ok(std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.path(), has_children(&e.metadata().ok()?))))
+        .collect())
 }
 
 #[cfg(test)]

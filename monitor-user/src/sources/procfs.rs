@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 /// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field 22).
 pub fn start_ticks(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = super::read_small(path.as_ref()).map_err(|e| Error::io(&path, e))?;
     parse_start_ticks(&text).ok_or_else(|| {
         Error::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable stat line"))
     })
