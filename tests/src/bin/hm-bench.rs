@@ -19,7 +19,7 @@ use monitor_user::{
 };
 use serde_json::{json, Value};
 
-const STORM_ROUNDS: usize = 5;
+const STORM_ROUNDS: usize = 7;
 const STORM_MS: u64 = 2000;
 const DAEMON_WORKERS: [usize; 3] = [10, 100, 1000];
 /// Heartbeats at 1 Hz per daemon run; the first two (start-up) are left out of the cost.

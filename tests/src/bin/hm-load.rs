@@ -14,8 +14,8 @@
 //!   hm-load direct FILE MIB SECS     writes MIB MiB to FILE with O_DIRECT, reads them back so
 //!   hm-load forks COUNT FILE SECS    forks COUNT children one after another, each spinning ~1 ms,
 //!                                    then writes FILE and idles
-//!   hm-load pingpong MS              two threads pass a byte back and forth over two pipes for MS
-//!                                    milliseconds, then print the round trips per second
+//!   hm-load pingpong MS              two threads pinned to CPU 0 pass a byte back and forth over
+//!                                    two pipes for MS milliseconds, then print round trips/s
 //!   hm-load children FILE MIB SECS   4 child processes each write+fsync MIB/4 MiB to FILE.N,
 //!                                    read it back cold, and exit; the parent writes FILE.done
 //!                                    and idles
@@ -248,6 +248,14 @@ fn main() {
         }
         "pingpong" => {
             let run_for = Duration::from_millis(arg(&args, 1));
+            // On one CPU every round trip is two context switches, and the figure does not
+            // depend on where the scheduler happens to put the threads.
+            // SAFETY: a zeroed cpu_set_t is valid; CPU 0 always exists.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+            }
             let (mut there, mut back) = ([0; 2], [0; 2]);
             // SAFETY: each array has room for two descriptors.
             assert!(unsafe { libc::pipe(there.as_mut_ptr()) == 0 && libc::pipe(back.as_mut_ptr()) == 0 });
