@@ -256,9 +256,9 @@ pub struct HiveIdentity {
 
 impl Heartbeat {
     pub fn new(sample: &Sample, identity: &HiveIdentity, uptime_seconds: u64) -> Self {
-        let sched = match sample.counters {
-            CounterSource::Ebpf => Source::Ebpf,
-            CounterSource::Cgroup => Source::Unavailable,
+        let (sched, io) = match sample.counters {
+            CounterSource::Ebpf => (Source::Ebpf, Source::Ebpf),
+            CounterSource::Cgroup => (Source::Unavailable, Source::Procfs),
         };
         Heartbeat {
             schema_version: SCHEMA_VERSION,
@@ -296,9 +296,9 @@ impl Heartbeat {
                 runq: sched,
                 ctx_switches: sched,
                 memory: Source::Cgroup,
-                io_read: sched,
-                io_write: sched,
-                io_syscall: sched,
+                io_read: io,
+                io_write: io,
+                io_syscall: io,
                 gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
                 model: Source::Procfs,
                 host: Source::Procfs,
@@ -319,7 +319,9 @@ impl Worker {
         // Figures only the probes measure: absent without them.
         let probed = counters == CounterSource::Ebpf;
         let sched = |v: u64| probed.then_some(v);
-        let mb_s = |v: Option<f64>| v.filter(|_| probed).map(|v| round(v / 1e6, 3));
+        // I/O also has a fallback (`/proc/<pid>/io`), which may fail for a worker.
+        let io = |v: u64| w.io_known.then_some(v);
+        let mb_s = |v: Option<f64>| v.filter(|_| w.io_known).map(|v| round(v / 1e6, 3));
         Worker {
             pid: w.pid,
             group: w.cgroup.group.clone(),
@@ -343,10 +345,10 @@ impl Worker {
             ctx_switches_involuntary_total: sched(w.counters.involuntary_switches),
             io_syscall_r_mb_s: mb_s(w.syscall_read_bytes_s),
             io_syscall_w_mb_s: mb_s(w.syscall_write_bytes_s),
-            io_syscall_read_bytes_total: sched(w.counters.syscall_read_bytes),
-            io_syscall_write_bytes_total: sched(w.counters.syscall_write_bytes),
-            io_read_bytes_total: sched(w.counters.storage_read_bytes),
-            io_write_bytes_total: sched(w.counters.storage_write_bytes),
+            io_syscall_read_bytes_total: io(w.counters.syscall_read_bytes),
+            io_syscall_write_bytes_total: io(w.counters.syscall_write_bytes),
+            io_read_bytes_total: io(w.counters.storage_read_bytes),
+            io_write_bytes_total: io(w.counters.storage_write_bytes),
             processes_forked_total: sched(w.counters.processes_forked),
             execs_total: sched(w.counters.execs),
             processes_exited_total: sched(w.counters.processes_exited),

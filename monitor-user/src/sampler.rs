@@ -15,7 +15,7 @@ use crate::{
         memory::{MemoryReading, MemorySource},
         model::ModelNames,
         nvml::{DeviceReading, GpuReading, Gpus},
-        procfs::{self, HostCpu},
+        procfs::{self, HostCpu, ProcessIo},
     },
 };
 
@@ -43,6 +43,9 @@ pub struct WorkerSample {
     /// devices, and pages dirtied plus direct writes.
     pub storage_read_bytes_s: Option<f64>,
     pub storage_write_bytes_s: Option<f64>,
+    /// Whether the I/O counters are known: always with the probes; without them, when every
+    /// process's `/proc/<pid>/io` could be read.
+    pub io_known: bool,
     /// `None` when it could not be read this time (the cause is logged).
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
@@ -165,6 +168,8 @@ pub struct Sampler {
     mains: HashMap<u64, MainProcess>,
     models: ModelNames,
     memory: MemorySource,
+    /// Without the probes: I/O from `/proc/<pid>/io`.
+    fallback_io: FallbackIo,
     host_cpu: Option<HostCpu>,
     gpus: Option<Gpus>,
     prewarm_threshold_pct: f64,
@@ -215,6 +220,7 @@ impl Sampler {
             mains: HashMap::new(),
             models: ModelNames::new(),
             memory: MemorySource::new(v1_memory_mount()),
+            fallback_io: FallbackIo::default(),
             host_cpu: procfs::host_cpu().ok(),
             gpus: Gpus::open(options.nvml_lib.as_deref()),
             prewarm_threshold_pct: options.prewarm_threshold_pct,
@@ -288,7 +294,20 @@ impl Sampler {
                 .get(&cg.id)
                 .copied()
                 .unwrap_or(WorkerReading { at_ns: self.prev.at_ns, counters: Default::default() });
-            let cur = current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
+            let mut cur =
+                current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
+            let io_known = match self.probes {
+                Some(_) => true,
+                None => match self.fallback_io.worker(cg.id, &procs, self.clk_tck) {
+                    Some(io) => {
+                        let c = &mut cur.counters;
+                        (c.syscall_read_bytes, c.syscall_write_bytes) = (io.rchar, io.wchar);
+                        (c.storage_read_bytes, c.storage_write_bytes) = (io.read_bytes, io.write_bytes);
+                        true
+                    }
+                    None => false,
+                },
+            };
             let counters = monotonic(prev.counters, cur.counters);
             let worker_interval = cur.at_ns.saturating_sub(prev.at_ns);
             current.insert(cg.id, WorkerReading { at_ns: cur.at_ns, counters });
@@ -319,6 +338,7 @@ impl Sampler {
                     counters.syscall_write_bytes,
                     worker_interval,
                 ),
+                io_known,
                 memory,
                 model,
                 gpu: worker_gpu,
@@ -328,6 +348,9 @@ impl Sampler {
         }
 
         let seen: HashSet<u64> = workers.iter().map(|w| w.cgroup.id).collect();
+        if self.probes.is_none() {
+            self.fallback_io.end_sample(&seen, boottime_s);
+        }
         self.forget_removed(&seen, &current);
         self.mains.retain(|id, _| seen.contains(id));
         let live: HashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
@@ -441,6 +464,68 @@ fn cgroup_reading(workers: &[WorkerCgroup]) -> KernelReading {
         })
         .collect();
     KernelReading { at_ns, workers, stats: ProbeStats::default() }
+}
+
+/// Without the probes, each worker's I/O summed from its processes' `/proc/<pid>/io`. What a
+/// process moved counts from when it was first seen: all of it if it started after the last
+/// sample, else its growth since. Unlike the probes it loses what a process moved between
+/// the last sample and its exit.
+#[derive(Default)]
+struct FallbackIo {
+    /// pid → its counters at the last sample.
+    last: HashMap<u32, ProcessIo>,
+    /// The same, for the sample being taken.
+    seen: HashMap<u32, ProcessIo>,
+    /// Worker → bytes counted so far.
+    totals: HashMap<u64, ProcessIo>,
+    /// CLOCK_BOOTTIME s of the last sample; 0 before the first.
+    last_boottime_s: f64,
+    warned: bool,
+}
+
+impl FallbackIo {
+    /// The worker's cumulative counters, or `None` when a process's file could not be read.
+    fn worker(&mut self, worker: u64, procs: &[u32], clk_tck: u64) -> Option<ProcessIo> {
+        let mut total = self.totals.get(&worker).copied().unwrap_or_default();
+        let mut complete = true;
+        for &pid in procs {
+            let io = match procfs::process_io(pid) {
+                Ok(io) => io,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // exited
+                Err(e) => {
+                    if !std::mem::replace(&mut self.warned, true) {
+                        log::warn!("/proc/{pid}/io: {e}; I/O figures of such workers left out");
+                    }
+                    complete = false;
+                    continue;
+                }
+            };
+            let grown = match self.last.get(&pid) {
+                Some(earlier) => io.since(earlier),
+                None if self.started_since_last(pid, clk_tck) => Some(io),
+                None => None,
+            };
+            if let Some(grown) = grown {
+                total.add(&grown);
+            }
+            self.seen.insert(pid, io);
+        }
+        self.totals.insert(worker, total);
+        complete.then_some(total)
+    }
+
+    /// Whether `pid` started after the last sample (never true at the first).
+    fn started_since_last(&self, pid: u32, clk_tck: u64) -> bool {
+        self.last_boottime_s > 0.0
+            && procfs::start_ticks(pid).is_ok_and(|t| t as f64 / clk_tck as f64 >= self.last_boottime_s)
+    }
+
+    /// Ends a sample: forgets exited processes and removed workers.
+    fn end_sample(&mut self, workers: &HashSet<u64>, boottime_s: f64) {
+        self.last = std::mem::take(&mut self.seen);
+        self.totals.retain(|w, _| workers.contains(w));
+        self.last_boottime_s = boottime_s;
+    }
 }
 
 /// A worker's share of the GPUs: its processes' entries, summed.

@@ -255,6 +255,60 @@ fn no_bpf_takes_cpu_from_cpu_stat_and_says_so() {
 }
 
 #[test]
+fn no_bpf_takes_io_from_proc_pid_io() {
+    use std::io::BufRead;
+    if !bpf_available("no_bpf_io") {
+        return;
+    }
+    let cg = TestCgroup::new("nobpf_io");
+    let dir = cg.mkdir("rbee.slice/llm/rw");
+    let root = cg.root.to_string_lossy().into_owned();
+    let mut daemon = Command::new(DAEMON)
+        .args(["run", "--no-bpf", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice")])
+        .args(["--interval", "300ms", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(daemon.stdout.take().unwrap()).lines();
+    let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    next();
+    // Started after the daemon's first sample: all of its I/O falls inside watched intervals.
+    let file =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hm-nobpf-{}", std::process::id()));
+    let load = Workload::start(HM_LOAD, &dir, &["rw", file.to_str().unwrap(), "32", "60"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proc_field(load.pid(), "io", "rchar:") < 32 << 20 {
+        assert!(std::time::Instant::now() < deadline, "the load did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut hb, mut last_total) = (next(), 0);
+    for _ in 0..3 {
+        hb = next();
+        let total = hb["workers"][0]["io_syscall_write_bytes_total"].as_u64().expect("present");
+        assert!(total >= last_total, "cumulative I/O went backwards");
+        last_total = total;
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_file(&file);
+    for what in ["io_read", "io_write", "io_syscall"] {
+        assert_eq!(hb["collector"][what], "procfs", "{what}");
+    }
+    let w = &hb["workers"][0];
+    for (figure, key) in [
+        ("io_syscall_read_bytes_total", "rchar:"),
+        ("io_syscall_write_bytes_total", "wchar:"),
+        ("io_write_bytes_total", "write_bytes:"),
+    ] {
+        let (ours, kernel) = (w[figure].as_u64().unwrap(), proc_field(load.pid(), "io", key));
+        eprintln!("no-bpf {figure}: {ours} vs /proc io {key} {kernel}");
+        assert!(ours.abs_diff(kernel) as f64 <= kernel as f64 * 0.01, "{figure} {ours} vs {kernel}: {w}");
+    }
+    assert!(w["io_w_mb_s"].as_f64().is_some() && w["runq_wait_pct"].is_null(), "{w}");
+}
+
+#[test]
 fn pull_api_serves_the_latest_heartbeat_and_prometheus_metrics() {
     if !bpf_available("pull_api") {
         return;

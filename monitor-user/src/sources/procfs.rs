@@ -33,6 +33,52 @@ pub fn boottime_s() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// A process's I/O counters (`/proc/<pid>/io`), cumulative over its life and its exited
+/// threads (not its children).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessIo {
+    pub rchar: u64,
+    pub wchar: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+}
+
+impl ProcessIo {
+    /// Growth from `earlier`; `None` if any counter went down (not the same process).
+    pub fn since(&self, earlier: &ProcessIo) -> Option<ProcessIo> {
+        Some(ProcessIo {
+            rchar: self.rchar.checked_sub(earlier.rchar)?,
+            wchar: self.wchar.checked_sub(earlier.wchar)?,
+            read_bytes: self.read_bytes.checked_sub(earlier.read_bytes)?,
+            write_bytes: self.write_bytes.checked_sub(earlier.write_bytes)?,
+        })
+    }
+
+    pub fn add(&mut self, more: &ProcessIo) {
+        self.rchar += more.rchar;
+        self.wchar += more.wchar;
+        self.read_bytes += more.read_bytes;
+        self.write_bytes += more.write_bytes;
+    }
+}
+
+/// `/proc/<pid>/io`. Reading another user's needs the right to ptrace it.
+pub fn process_io(pid: u32) -> std::io::Result<ProcessIo> {
+    let text = super::read_small(format!("/proc/{pid}/io").as_ref())?;
+    parse_io(&text).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable io"))
+}
+
+fn parse_io(text: &str) -> Option<ProcessIo> {
+    let field =
+        |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok());
+    Some(ProcessIo {
+        rchar: field("rchar:")?,
+        wchar: field("wchar:")?,
+        read_bytes: field("read_bytes:")?,
+        write_bytes: field("write_bytes:")?,
+    })
+}
+
 /// Host-wide CPU time from the first line of `/proc/stat`, in clock ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCpu {
@@ -126,5 +172,17 @@ mod tests {
     fn own_start_time_is_in_the_past() {
         let started = start_ticks(std::process::id()).unwrap() as f64 / clock_ticks_per_s() as f64;
         assert!(started <= boottime_s() + 0.01, "{started} vs {}", boottime_s());
+    }
+
+    #[test]
+    fn io_counters() {
+        let text = "rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\nwrite_bytes: 8192\n\
+                    cancelled_write_bytes: 0\n";
+        let io = parse_io(text).unwrap();
+        assert_eq!(io, ProcessIo { rchar: 10, wchar: 20, read_bytes: 4096, write_bytes: 8192 });
+        assert_eq!(parse_io("rchar: 1\n"), None);
+        let later = ProcessIo { rchar: 15, ..io };
+        assert_eq!(later.since(&io), Some(ProcessIo { rchar: 5, ..Default::default() }));
+        assert_eq!(io.since(&later), None, "a counter going down is another process");
     }
 }
