@@ -266,56 +266,145 @@ fn spawn(args: SpawnArgs) -> Result<i32, Error> {
     spawn::run(&args.cgroup.load()?.1, &spec)
 }
 
+/// The `run` settings that can change while running: flags, then the config file (read
+/// again on SIGHUP), then defaults.
+#[derive(Clone, Debug, PartialEq)]
+struct Settings {
+    interval: Duration,
+    hive_id: Option<String>,
+    prewarm_threshold_pct: f64,
+    model_dir: Option<PathBuf>,
+    coordinator: Option<String>,
+    token_file: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl Settings {
+    fn resolve(args: &RunArgs, config: &Config) -> Result<Self, Error> {
+        let settings = Settings {
+            interval: args.interval.or(config.interval).unwrap_or(DEFAULT_INTERVAL),
+            hive_id: args.hive_id.clone().or_else(|| config.hive_id.clone()),
+            prewarm_threshold_pct: args
+                .prewarm_threshold
+                .or(config.prewarm_threshold)
+                .unwrap_or(DEFAULT_PREWARM_PCT),
+            model_dir: args.model_dir.clone().or_else(|| config.model_dir.clone()),
+            coordinator: args.coordinator.clone().or_else(|| config.coordinator.clone()),
+            token_file: args.token_file.clone().or_else(|| config.token_file.clone()),
+            timeout: args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT),
+        };
+        if settings.token_file.is_some() && settings.coordinator.is_none() {
+            return Err(Error::io("--token-file", std::io::Error::other("a token file needs --coordinator")));
+        }
+        Ok(settings)
+    }
+
+    fn sink(&self) -> Result<Sink, Error> {
+        let token = self.token_file.as_deref().map(read_token).transpose()?;
+        Ok(match &self.coordinator {
+            Some(url) => Sink::Coordinator(Coordinator::start(url, token, self.timeout)?),
+            None => Sink::Stdout(Stdout::new()),
+        })
+    }
+}
+
+/// Settings only a restart applies: the probes, the NVML library and the listening socket
+/// are set up once.
+fn fixed(config: &Config) -> impl PartialEq + std::fmt::Debug + '_ {
+    (&config.slice, &config.cgroup_root, &config.nvml_lib, &config.listen, &config.api_token_file)
+}
+
+/// SIGHUP: the config file read again and what changed applied. A file that does not parse
+/// changes nothing (the error is logged).
+fn reload(
+    args: &RunArgs,
+    config: &mut Config,
+    settings: &mut Settings,
+    sampler: &mut Sampler,
+    sink: &mut Sink,
+) {
+    let Some(path) = &args.cgroup.config else {
+        return log::info!("SIGHUP: no --config file to read again");
+    };
+    let new = match Config::load(path).and_then(|c| Settings::resolve(args, &c).map(|s| (c, s))) {
+        Ok(new) => new,
+        Err(e) => return log::error!("SIGHUP: {e}; keeping the running settings"),
+    };
+    if fixed(&new.0) != fixed(config) {
+        log::warn!("SIGHUP: slice, cgroup_root, nvml_lib, listen and api_token_file change only on restart");
+    }
+    if new.1.coordinator != settings.coordinator
+        || new.1.token_file != settings.token_file
+        || new.1.timeout != settings.timeout
+    {
+        match new.1.sink() {
+            Ok(s) => *sink = s,
+            Err(e) => return log::error!("SIGHUP: {e}; keeping the running settings"),
+        }
+    }
+    sampler.set_prewarm_threshold(new.1.prewarm_threshold_pct);
+    sampler.set_model_dir(new.1.model_dir.clone());
+    if new.1 != *settings {
+        log::info!("SIGHUP: now {:?}", new.1);
+    }
+    (*config, *settings) = new;
+}
+
 fn run(args: RunArgs) -> Result<(), Error> {
     // Flags, then the config file, then defaults.
-    let (config, slice) = args.cgroup.load()?;
-    let identity = identity(args.hive_id.or(config.hive_id));
-    let interval = args.interval.or(config.interval).unwrap_or(DEFAULT_INTERVAL);
-    let coordinator = args.coordinator.or(config.coordinator);
-    let token_file = args.token_file.or(config.token_file);
-    if token_file.is_some() && coordinator.is_none() {
-        return Err(Error::io("--token-file", std::io::Error::other("a token file needs --coordinator")));
-    }
-    let token = token_file.as_deref().map(read_token).transpose()?;
-    let api_token = args.api_token_file.or(config.api_token_file).as_deref().map(read_token).transpose()?;
+    let (mut config, slice) = args.cgroup.load()?;
+    let mut settings = Settings::resolve(&args, &config)?;
+    let api_token =
+        args.api_token_file.as_ref().or(config.api_token_file.as_ref()).map(|p| read_token(p)).transpose()?;
     let options = SamplerOptions {
-        nvml_lib: args.nvml_lib.or(config.nvml_lib),
-        prewarm_threshold_pct: args
-            .prewarm_threshold
-            .or(config.prewarm_threshold)
-            .unwrap_or(DEFAULT_PREWARM_PCT),
-        model_dir: args.model_dir.or(config.model_dir),
+        nvml_lib: args.nvml_lib.clone().or_else(|| config.nvml_lib.clone()),
+        prewarm_threshold_pct: settings.prewarm_threshold_pct,
+        model_dir: settings.model_dir.clone(),
         bpf: if args.no_bpf { BpfMode::Off } else { BpfMode::Preferred },
     };
 
     let mut sampler = Sampler::with_options(slice, options)?;
     let api = PullApi::start(args.listen.or(config.listen).unwrap_or_else(default_listen), api_token)?;
-    log::info!("watching {} every {}", sampler.slice().dir().display(), humantime::format_duration(interval));
-    let timeout = args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
-    let mut sink = match &coordinator {
-        Some(url) => Sink::Coordinator(Coordinator::start(url, token, timeout)?),
-        None => Sink::Stdout(Stdout::new()),
-    };
-    let mut interval_ns = interval.as_nanos() as u64;
+    log::info!(
+        "watching {} every {}",
+        sampler.slice().dir().display(),
+        humantime::format_duration(settings.interval)
+    );
+    let mut sink = settings.sink()?;
+    let mut interval_ns = settings.interval.as_nanos() as u64;
     let mut server_status: Option<String> = None;
     let started = monotonic_ns();
     let mut deadline = started;
     let mut sent = 0u64;
     // SIGTERM or SIGINT: one last heartbeat saying "stopping", then exit 0 (the probes are
-    // detached when they are dropped).
+    // detached when they are dropped). SIGHUP: read the config file again.
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|e| Error::io("signal handler", e))?;
     }
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .map_err(|e| Error::io("signal handler", e))?;
+    let mut identity = identity(settings.hive_id.clone());
     while args.count.is_none_or(|n| sent < n) {
+        if hangup.swap(false, Ordering::Relaxed) {
+            reload(&args, &mut config, &mut settings, &mut sampler, &mut sink);
+            interval_ns = settings.interval.as_nanos() as u64;
+            identity = self::identity(settings.hive_id.clone());
+        }
         // Fixed deadlines, so the cadence does not drift; a missed one is skipped, not bunched.
         let now = monotonic_ns();
         deadline += interval_ns;
         if deadline < now {
             deadline += (now - deadline).div_ceil(interval_ns) * interval_ns;
         }
-        while !stop.load(Ordering::Relaxed) && monotonic_ns() < deadline {
+        while !stop.load(Ordering::Relaxed) && !hangup.load(Ordering::Relaxed) && monotonic_ns() < deadline {
             std::thread::sleep(Duration::from_nanos(deadline.saturating_sub(monotonic_ns())).min(STOP_POLL));
+        }
+        if hangup.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) && monotonic_ns() < deadline {
+            // Reload first; the interval being waited out may change.
+            deadline -= interval_ns;
+            continue;
         }
         let stopping = stop.load(Ordering::Relaxed);
         let sample = sampler.sample()?;

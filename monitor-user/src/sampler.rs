@@ -231,6 +231,16 @@ impl Sampler {
         })
     }
 
+    /// GPU utilisation above which a pre-warm signal is sent, from the next sample on.
+    pub fn set_prewarm_threshold(&mut self, pct: f64) {
+        self.prewarm_threshold_pct = pct;
+    }
+
+    /// The directory whose file system's usage is reported, from the next sample on.
+    pub fn set_model_dir(&mut self, dir: Option<std::path::PathBuf>) {
+        self.model_dir = dir;
+    }
+
     /// The loaded probes; `None` without BPF.
     pub fn probes(&self) -> Option<&Probes> {
         self.probes.as_ref()

@@ -459,3 +459,63 @@ fn sigterm_sends_a_last_heartbeat_saying_stopping_and_exits_0() {
     assert_eq!(last["hive"]["operational_status"], "stopping");
     assert_eq!(last["workers"][0]["instance"], "8080");
 }
+
+#[test]
+fn sighup_reloads_the_config_file_and_keeps_it_when_malformed() {
+    use std::io::BufRead;
+    if !bpf_available("sighup") {
+        return;
+    }
+    let cg = TestCgroup::new("sighup");
+    cg.mkdir("rbee.slice/llm/8080");
+    let config = std::env::temp_dir().join(format!("hm-sighup-{}.toml", std::process::id()));
+    let write = |hive_id: &str, interval: &str| {
+        let text = format!(
+            "slice = \"{}\"\ncgroup_root = \"{}\"\ninterval = \"{interval}\"\nlisten = \"127.0.0.1:0\"\nhive_id = \"{hive_id}\"\n",
+            cg.rel("rbee.slice"),
+            cg.root.display()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write("before", "300ms");
+    let mut child = Command::new(DAEMON)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    // SAFETY: signalling our own child.
+    let hup = || unsafe { libc::kill(pid, libc::SIGHUP) };
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    assert_eq!(next()["hive"]["id"], "before");
+    write("after", "100ms");
+    assert_eq!(hup(), 0);
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let hb = next();
+        seen.push((hb["hive"]["id"].as_str().unwrap().to_string(), hb["interval_ms"].as_f64().unwrap()));
+    }
+    let (id, interval) = seen.last().unwrap().clone();
+    assert_eq!(id, "after", "{seen:?}");
+    assert!((90.0..150.0).contains(&interval), "the new interval applies: {seen:?}");
+
+    std::fs::write(&config, "interval = \"soon\"\n").unwrap();
+    assert_eq!(hup(), 0);
+    let (mut seqs, mut ids) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let hb = next();
+        seqs.push(hb["seq"].as_u64().unwrap());
+        ids.push(hb["hive"]["id"].as_str().unwrap().to_string());
+    }
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let _ = std::fs::remove_file(&config);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(ids.iter().all(|i| i == "after"), "a malformed file changes nothing: {ids:?}");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no heartbeat missed: {seqs:?}");
+    assert!(stderr.contains("SIGHUP") && stderr.contains("keeping the running settings"), "{stderr}");
+}
