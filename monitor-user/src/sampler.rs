@@ -524,10 +524,11 @@ impl FallbackIo {
         complete.then_some(total)
     }
 
-    /// Whether `pid` started after the last sample (never true at the first).
+    /// Whether `pid` started after the last sample (never true at the first), to the clock
+    /// tick start times are kept in: one started in that sample's tick counts as after it.
     fn started_since_last(&self, pid: u32, clk_tck: u64) -> bool {
-        self.last_boottime_s > 0.0
-            && procfs::start_ticks(pid).is_ok_and(|t| t as f64 / clk_tck as f64 >= self.last_boottime_s)
+        let last_tick = (self.last_boottime_s * clk_tck as f64) as u64;
+        self.last_boottime_s > 0.0 && procfs::start_ticks(pid).is_ok_and(|t| t >= last_tick)
     }
 
     /// Ends a sample: forgets exited processes and removed workers.
