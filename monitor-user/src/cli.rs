@@ -16,6 +16,7 @@ use crate::{
     config::{parse_interval, Config},
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
+    lock::SliceLock,
     probes::monotonic_ns,
     sampler::{BpfMode, Sampler, SamplerOptions},
     sinks::{api::PullApi, coordinator::Coordinator, stdout::Stdout},
@@ -353,6 +354,7 @@ fn reload(
 fn run(args: RunArgs) -> Result<(), Error> {
     // Flags, then the config file, then defaults.
     let (mut config, slice) = args.cgroup.load()?;
+    let _lock = SliceLock::take(&slice.dir())?;
     let mut settings = Settings::resolve(&args, &config)?;
     let api_token =
         args.api_token_file.as_ref().or(config.api_token_file.as_ref()).map(|p| read_token(p)).transpose()?;
@@ -371,6 +373,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         humantime::format_duration(settings.interval)
     );
     let mut sink = settings.sink()?;
+    crate::privilege::drop_unneeded()?;
     let mut interval_ns = settings.interval.as_nanos() as u64;
     let mut server_status: Option<String> = None;
     let started = monotonic_ns();

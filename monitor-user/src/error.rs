@@ -32,6 +32,16 @@ pub enum Error {
         source: aya::maps::MapError,
     },
 
+    #[error(
+        "another hive-monitor{} already watches {slice} (lock {lock}); stop it first, or \
+         give this one another --slice",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    AlreadyRunning { slice: PathBuf, lock: PathBuf, pid: Option<u32> },
+
+    #[error("dropping capabilities: {0}")]
+    Privilege(String),
+
     #[error("no cgroup2 file system at /sys/fs/cgroup or /sys/fs/cgroup/unified; pass --cgroup-root")]
     NoCgroup2,
 

@@ -5,6 +5,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod heartbeat;
+pub mod lock;
+pub mod privilege;
 pub mod probes;
 pub mod queen;
 pub mod sampler;

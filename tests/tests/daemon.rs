@@ -519,3 +519,86 @@ fn sighup_reloads_the_config_file_and_keeps_it_when_malformed() {
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no heartbeat missed: {seqs:?}");
     assert!(stderr.contains("SIGHUP") && stderr.contains("keeping the running settings"), "{stderr}");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_slice_refuses_to_start() {
+    use std::io::BufRead;
+    if !bpf_available("second_daemon") {
+        return;
+    }
+    let cg = TestCgroup::new("second");
+    cg.mkdir("rbee.slice/llm/8080");
+    let root = cg.root.to_string_lossy().into_owned();
+    let args = ["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--listen", "127.0.0.1:0"];
+    let mut first = Command::new(DAEMON)
+        .args(args)
+        .args(["--interval", "200ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
+    lines.next().unwrap().unwrap(); // running
+
+    let second = Command::new(DAEMON).args(args).args(["--count", "1"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(second.stdout.is_empty(), "no heartbeat from the second");
+    assert!(
+        stderr.contains("already watches") && stderr.contains(&format!("pid {}", first.id())),
+        "says who holds the slice: {stderr}"
+    );
+    lines.next().unwrap().unwrap(); // the first goes on
+
+    let _ = first.kill();
+    let _ = first.wait();
+    let third = Command::new(DAEMON).args(args).args(["--count", "1"]).output().unwrap();
+    assert!(
+        third.status.success(),
+        "free again once the first is gone: {}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+}
+
+#[test]
+fn after_loading_the_probes_only_two_capabilities_are_left() {
+    use std::io::BufRead;
+    if !bpf_available("capabilities") {
+        return;
+    }
+    let cg = TestCgroup::new("caps");
+    let dir = cg.mkdir("rbee.slice/llm/8080");
+    let _load = Workload::start(HM_LOAD, &dir, &["busy", "1", "60"]);
+    let root = cg.root.to_string_lossy().into_owned();
+    let mut child = Command::new(DAEMON)
+        .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "200ms"])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    let first = next();
+    let hex = |name: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let v = status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_string();
+        u64::from_str_radix(&v, 16).unwrap_or_else(|_| v.parse().unwrap())
+    };
+    // CAP_DAC_READ_SEARCH (2) and CAP_SYS_PTRACE (19).
+    let kept = 1 << 2 | 1 << 19;
+    let sets =
+        [hex("CapEff:"), hex("CapPrm:"), hex("CapBnd:"), hex("CapInh:"), hex("CapAmb:"), hex("NoNewPrivs:")];
+    // The maps are still read through the descriptors held: CPU keeps coming from the probes.
+    let later = next();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        sets,
+        [kept, kept, kept, 0, 0, 1],
+        "effective, permitted, bounding, inheritable, ambient, no_new_privs"
+    );
+    assert_eq!(later["collector"]["cpu"], "ebpf");
+    let cpu = |hb: &Value| hb["workers"][0]["cpu_ns_total"].as_u64().unwrap();
+    assert!(cpu(&later) > cpu(&first), "counters still read after the drop");
+}
