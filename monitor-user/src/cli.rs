@@ -17,7 +17,7 @@ use crate::{
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
     lock::SliceLock,
-    probes::monotonic_ns,
+    probes::{monotonic_ns, MapSizes},
     sampler::{BpfMode, Sampler, SamplerOptions},
     sinks::{api::PullApi, coordinator::Coordinator, stdout::Stdout},
     sources::cgroup::{self, Slice},
@@ -168,6 +168,13 @@ struct RunArgs {
     /// File holding the bearer token the pull API requires; needed off loopback.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// Workers the kernel keeps counters for; beyond it a worker's probed figures are null
+    /// and collector.probes.workers_map_full counts the lost events [default: 4096].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_WORKERS_LIMIT)))]
+    max_workers: Option<u32>,
+    /// Slice tasks whose run-queue wait is timed at once [default: 32768].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_QUEUED_LIMIT)))]
+    max_queued_tasks: Option<u32>,
     /// Do not load the probes (also the fallback when they cannot be loaded): CPU from each
     /// worker's cpu.stat; run-queue wait and context switches are then unavailable.
     #[arg(long)]
@@ -312,7 +319,10 @@ impl Settings {
 /// Settings only a restart applies: the probes, the NVML library and the listening socket
 /// are set up once.
 fn fixed(config: &Config) -> impl PartialEq + std::fmt::Debug + '_ {
-    (&config.slice, &config.cgroup_root, &config.nvml_lib, &config.listen, &config.api_token_file)
+    (
+        (&config.slice, &config.cgroup_root, &config.nvml_lib, &config.listen, &config.api_token_file),
+        (config.max_workers, config.max_queued_tasks),
+    )
 }
 
 /// SIGHUP: the config file read again and what changed applied. A file that does not parse
@@ -332,7 +342,10 @@ fn reload(
         Err(e) => return log::error!("SIGHUP: {e}; keeping the running settings"),
     };
     if fixed(&new.0) != fixed(config) {
-        log::warn!("SIGHUP: slice, cgroup_root, nvml_lib, listen and api_token_file change only on restart");
+        log::warn!(
+            "SIGHUP: slice, cgroup_root, nvml_lib, listen, api_token_file and the map sizes change \
+             only on restart"
+        );
     }
     if new.1.coordinator != settings.coordinator
         || new.1.token_file != settings.token_file
@@ -363,6 +376,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
         prewarm_threshold_pct: settings.prewarm_threshold_pct,
         model_dir: settings.model_dir.clone(),
         bpf: if args.no_bpf { BpfMode::Off } else { BpfMode::Preferred },
+        map_sizes: MapSizes {
+            workers: args.max_workers.or(config.max_workers).unwrap_or(MapSizes::default().workers),
+            queued_tasks: args
+                .max_queued_tasks
+                .or(config.max_queued_tasks)
+                .unwrap_or(MapSizes::default().queued_tasks),
+        },
     };
 
     let mut sampler = Sampler::with_options(slice, options)?;

@@ -9,7 +9,7 @@ use monitor_common::{ProbeStats, SliceFilter, TaskEvent, TaskEventKind, WorkerCo
 
 use crate::{
     error::Result,
-    probes::{KernelReading, Probes, WorkerReading},
+    probes::{KernelReading, MapSizes, Probes, WorkerReading},
     sources::{
         cgroup::{self, Slice, WorkerCgroup},
         memory::{MemoryReading, MemorySource},
@@ -95,6 +95,7 @@ pub struct SamplerOptions {
     pub model_dir: Option<std::path::PathBuf>,
     /// Whether the probes must, may or must not be loaded.
     pub bpf: BpfMode,
+    pub map_sizes: MapSizes,
 }
 
 /// Without the probes, CPU comes from each worker's `cpu.stat` and there are no run-queue,
@@ -111,7 +112,13 @@ pub enum BpfMode {
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        Self { nvml_lib: None, prewarm_threshold_pct: 80.0, model_dir: None, bpf: BpfMode::Required }
+        Self {
+            nvml_lib: None,
+            prewarm_threshold_pct: 80.0,
+            model_dir: None,
+            bpf: BpfMode::Required,
+            map_sizes: MapSizes::default(),
+        }
     }
 }
 
@@ -189,8 +196,8 @@ impl Sampler {
     pub fn with_options(slice: Slice, options: SamplerOptions) -> Result<Self> {
         let mut probes = match options.bpf {
             BpfMode::Off => None,
-            BpfMode::Required => Some(Probes::load(slice.level())?),
-            BpfMode::Preferred => match Probes::load(slice.level()) {
+            BpfMode::Required => Some(Probes::load(slice.level(), options.map_sizes)?),
+            BpfMode::Preferred => match Probes::load(slice.level(), options.map_sizes) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     log::warn!(
@@ -276,6 +283,11 @@ impl Sampler {
         let gpu = self.gpus.as_mut().map(Gpus::read);
 
         let mut current = reading.workers;
+        // With the counters map full, a worker without an entry may have had its events
+        // dropped: its probed figures are unknown, not zero.
+        let map_full = self.probes.as_ref().is_some_and(|p| current.len() >= p.map_sizes().workers as usize);
+        // Run-queue waits went unmeasured this interval (QUEUED full): no rate is exact.
+        let waits_lost = reading.stats.queued_full > self.prev.stats.queued_full;
         let mut workers = Vec::with_capacity(cgroups.len());
         self.memory.begin_sample();
         for cg in cgroups {
@@ -304,10 +316,11 @@ impl Sampler {
                 .get(&cg.id)
                 .copied()
                 .unwrap_or(WorkerReading { at_ns: self.prev.at_ns, counters: Default::default() });
+            let counted = !(map_full && !current.contains_key(&cg.id));
             let mut cur =
                 current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
             let io_known = match self.probes {
-                Some(_) => true,
+                Some(_) => counted,
                 None => match self.fallback_io.worker(cg.id, &procs, self.clk_tck) {
                     Some(io) => {
                         let c = &mut cur.counters;
@@ -326,8 +339,9 @@ impl Sampler {
                 uptime_s: main.map(|m| uptime_s(m.start_ticks, self.clk_tck, boottime_s)),
                 processes: procs.len(),
                 at_ns: cur.at_ns,
-                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
-                runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
+                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval).filter(|_| counted),
+                runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval)
+                    .filter(|_| counted && !waits_lost),
                 syscall_read_bytes_s: per_second(
                     prev.counters.syscall_read_bytes,
                     counters.syscall_read_bytes,

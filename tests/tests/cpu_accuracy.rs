@@ -212,7 +212,7 @@ fn outside_the_slice_is_not_counted() {
     let lookalike = cg.mkdir("other.slice/llm/8080");
     let group_level = cg.dir.join("rbee.slice/llm");
     let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
-    let mut probes = Probes::load(slice.level()).expect("load probes");
+    let mut probes = Probes::load(slice.level(), Default::default()).expect("load probes");
     probes.set_slice(slice.filter()).expect("set slice");
 
     let _idle = Workload::start(HM_LOAD, &worker_dir, &["sleep", "60"]);

@@ -8,7 +8,9 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters};
+use monitor_common::{
+    IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, MAX_QUEUED_TASKS, MAX_WORKERS,
+};
 
 use crate::error::{Error, Result};
 
@@ -43,8 +45,24 @@ const IO_SYSCALLS: IoSyscalls = IoSyscalls {
 const IO_SYSCALLS: IoSyscalls =
     IoSyscalls { read: [63, 67, 65, 69, 286], write: [64, 68, 66, 70, 287], both: [71, 285] };
 
+/// How many entries the kernel maps hold; what does not fit is counted in `ProbeStats`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Workers with counters (`WORKERS`).
+    pub workers: u32,
+    /// Slice tasks whose run-queue wait is being timed at once (`QUEUED`).
+    pub queued_tasks: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self { workers: MAX_WORKERS, queued_tasks: MAX_QUEUED_TASKS }
+    }
+}
+
 /// The loaded, attached probes. Dropping this detaches them.
 pub struct Probes {
+    sizes: MapSizes,
     workers: PerCpuHashMap<MapData, u64, WorkerCounters>,
     slice: Array<MapData, SliceFilter>,
     stats: PerCpuArray<MapData, ProbeStats>,
@@ -90,7 +108,7 @@ const MAX_UNCHARGED_NS: u64 = 1_000_000_000;
 impl Probes {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the
     /// programs for a slice `slice_level` deep below the cgroup2 root (fixed for their life).
-    pub fn load(slice_level: u32) -> Result<Self> {
+    pub fn load(slice_level: u32, sizes: MapSizes) -> Result<Self> {
         check_capabilities()?;
         let no_btf = |reason: String| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason };
         let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF).map_err(|e| no_btf(e.to_string()))?;
@@ -105,6 +123,8 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("IO_SYSCALLS", &IO_SYSCALLS, true)
+            .map_max_entries("WORKERS", sizes.workers)
+            .map_max_entries("QUEUED", sizes.queued_tasks)
             .load(OBJECT)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -129,6 +149,7 @@ impl Probes {
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
         Ok(Self {
+            sizes,
             workers: take_map(&mut ebpf, "WORKERS")?,
             slice: take_map(&mut ebpf, "SLICE")?,
             stats: take_map(&mut ebpf, "STATS")?,
@@ -137,6 +158,10 @@ impl Probes {
             logger,
             ebpf,
         })
+    }
+
+    pub fn map_sizes(&self) -> MapSizes {
+        self.sizes
     }
 
     /// Points the probes at a slice (`id` 0: none, count nothing).

@@ -1,0 +1,94 @@
+//! Map pressure: more workers, or more waiting tasks, than the kernel maps hold. The overflow
+//! is counted and reported, the figures it makes unknown are null, and everything else
+//! stays exact against `cpu.stat`.
+use std::time::Duration;
+
+use hive_monitor_tests::*;
+use monitor_user::{
+    heartbeat::{Heartbeat, HiveIdentity},
+    probes::MapSizes,
+    sampler::{Sampler, SamplerOptions},
+    sources::cgroup::Slice,
+};
+
+const HM_LOAD: &str = env!("CARGO_BIN_EXE_hm-load");
+
+fn sampler(cg: &TestCgroup, sizes: MapSizes) -> Sampler {
+    cg.mkdir("rbee.slice");
+    let options = SamplerOptions { map_sizes: sizes, ..Default::default() };
+    Sampler::with_options(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap(), options).unwrap()
+}
+
+fn identity() -> HiveIdentity {
+    HiveIdentity { id: "test".into(), hostname: "test".into(), port: 7835 }
+}
+
+#[test]
+fn more_workers_than_the_map_holds() {
+    if !bpf_available("workers_map_full") {
+        return;
+    }
+    let cg = TestCgroup::new("workers_full");
+    let mut sampler = sampler(&cg, MapSizes { workers: 3, ..Default::default() });
+    let dirs: Vec<_> = (0..5).map(|i| cg.mkdir(&format!("rbee.slice/llm/w{i}"))).collect();
+    let _loads: Vec<_> =
+        dirs.iter().map(|d| Workload::start(HM_LOAD, d, &["duty", "20", "20", "60"])).collect();
+    sampler.sample().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let slice = cg.dir.join("rbee.slice");
+    freeze(&slice);
+    let sample = sampler.sample().unwrap();
+    let kernel: Vec<u64> = dirs.iter().map(|d| cpu_stat_ns(d)).collect();
+    thaw(&slice);
+
+    assert!(sample.probe_stats.workers_full > 0, "overflow counted");
+    let hb = Heartbeat::new(&sample, &identity(), 1);
+    assert_eq!(hb.collector.probes.workers_map_full, sample.probe_stats.workers_full, "and reported");
+    let (mut counted, mut unknown) = (0, 0);
+    for (i, dir) in dirs.iter().enumerate() {
+        let w = sample.workers.iter().find(|w| w.cgroup.dir == *dir).unwrap();
+        let json = hb.workers.iter().find(|j| j.instance == w.cgroup.instance).unwrap();
+        match w.cpu_pct {
+            Some(_) => {
+                counted += 1;
+                // Created after the probes were attached, so every nanosecond counts.
+                let (ours, theirs) = (w.counters.cpu_ns, kernel[i]);
+                eprintln!("w{i}: monitor {ours} ns, cpu.stat {theirs} ns");
+                assert!(ours.abs_diff(theirs) <= theirs / 200, "w{i}: {ours} vs cpu.stat {theirs}");
+            }
+            None => {
+                unknown += 1;
+                assert!(json.cpu_pct.is_none() && json.io_syscall_w_mb_s.is_none(), "null, not 0: {json:?}");
+            }
+        }
+    }
+    assert_eq!((counted, unknown), (3, 2), "three fit the map");
+}
+
+#[test]
+fn more_waiting_tasks_than_the_map_holds() {
+    if !bpf_available("queued_map_full") {
+        return;
+    }
+    let cg = TestCgroup::new("queued_full");
+    let mut sampler = sampler(&cg, MapSizes { queued_tasks: 2, ..Default::default() });
+    let dir = cg.mkdir("rbee.slice/llm/crowd");
+    // Eight spinning threads on this machine's CPUs: many wait at once.
+    let _load = Workload::start(HM_LOAD, &dir, &["busy", "8", "60"]);
+    sampler.sample().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    freeze(&dir);
+    let sample = sampler.sample().unwrap();
+    let kernel = cpu_stat_ns(&dir);
+    thaw(&dir);
+
+    let w = &sample.workers[0];
+    eprintln!("queued_full {}; cpu {} vs {kernel}", sample.probe_stats.queued_full, w.counters.cpu_ns);
+    assert!(sample.probe_stats.queued_full > 0, "overflow counted");
+    assert_eq!(w.runq_wait_pct, None, "waits went unmeasured: no rate");
+    assert!(
+        w.counters.cpu_ns.abs_diff(kernel) <= kernel / 200,
+        "CPU unaffected: {} vs {kernel}",
+        w.counters.cpu_ns
+    );
+}
