@@ -316,7 +316,7 @@ impl Sampler {
                 .get(&cg.id)
                 .copied()
                 .unwrap_or(WorkerReading { at_ns: self.prev.at_ns, counters: Default::default() });
-            let counted = !(map_full && !current.contains_key(&cg.id));
+            let counted = !map_full || current.contains_key(&cg.id);
             let mut cur =
                 current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
             let io_known = match self.probes {
