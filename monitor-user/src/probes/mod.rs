@@ -199,6 +199,11 @@ impl Probes {
             .collect()
     }
 
+    /// The workers with counters in the kernel (`WORKERS`'s keys).
+    pub fn worker_ids(&self) -> Result<Vec<u64>> {
+        self.workers.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "WORKERS", source })
+    }
+
     /// The threads with a run-queue wait being timed now (`QUEUED`'s keys).
     pub fn queued_tids(&self) -> Result<Vec<u32>> {
         self.queued.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "QUEUED", source })
@@ -225,8 +230,7 @@ impl Probes {
         let map_err = |map| move |source| Error::Map { map, source };
         let at_ns = monotonic_ns();
         let mut workers = HashMap::new();
-        let ids: Vec<u64> = self.workers.keys().collect::<Result<_, _>>().map_err(map_err("WORKERS"))?;
-        for id in ids {
+        for id in self.worker_ids()? {
             let now = monotonic_ns();
             let per_cpu = match self.workers.get(&id, 0) {
                 Ok(v) => v,

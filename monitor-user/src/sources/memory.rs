@@ -242,4 +242,25 @@ mod tests {
         assert!(m.current > 0 && m.anon.unwrap() > 0, "{m:?}");
         assert!(m.anon.unwrap() + m.file.unwrap() <= m.current + 4096, "{m:?}");
     }
+
+    /// A cgroup file that does not hold what it should is an error naming it: the figure is
+    /// left out, never read as 0.
+    #[test]
+    fn malformed_cgroup_files_are_errors() {
+        let dir = std::env::temp_dir().join(format!("hm-memory-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.stat"), "anon 1\nfile 2\n").unwrap();
+        std::fs::write(dir.join("memory.max"), "max\n").unwrap();
+        std::fs::write(dir.join("memory.events"), "oom_kill 0\n").unwrap();
+        for (file, text) in [("memory.current", "lots\n"), ("memory.current", "")] {
+            std::fs::write(dir.join(file), text).unwrap();
+            let e = MemorySource::new(None).read(&dir, &[], None).unwrap_err().to_string();
+            assert!(e.contains("memory.current"), "{e}");
+        }
+        std::fs::write(dir.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(dir.join("memory.stat"), "file 2\n").unwrap();
+        let e = MemorySource::new(None).read(&dir, &[], None).unwrap_err().to_string();
+        assert!(e.contains("memory.stat") && e.contains("anon"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
