@@ -43,10 +43,15 @@ impl Config {
             return Err(err(format!("{size} bytes; a config file is at most {MAX_SIZE}")));
         }
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::parse(&text).map_err(err)
+    }
+
+    /// A config file's text; the error says what is wrong, not where the file is.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         if let Some(p) = config.prewarm_threshold {
             if !(0.0..=100.0).contains(&p) {
-                return Err(err(format!("prewarm_threshold {p} is not a percentage between 0 and 100")));
+                return Err(format!("prewarm_threshold {p} is not a percentage between 0 and 100"));
             }
         }
         for (key, value, max) in [
@@ -54,7 +59,7 @@ impl Config {
             ("max_queued_tasks", config.max_queued_tasks, MAX_QUEUED_LIMIT),
         ] {
             if let Some(v) = value.filter(|v| !(1..=max).contains(v)) {
-                return Err(err(format!("{key} {v} is outside 1..={max}")));
+                return Err(format!("{key} {v} is outside 1..={max}"));
             }
         }
         Ok(config)

@@ -84,20 +84,28 @@ struct Ack {
     server_status: &'static str,
 }
 
-/// Takes a heartbeat that parses as the typed model, of a schema version this coordinator
-/// knows.
-async fn receive(State(queen): State<Queen>, body: axum::body::Bytes) -> Response {
-    let heartbeat: Heartbeat = match serde_json::from_slice(&body) {
-        Ok(h) => h,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("not a heartbeat: {e}\n")).into_response(),
-    };
+/// A request body that is a heartbeat of a schema version this coordinator knows, or the
+/// status and reason to refuse it with.
+pub fn parse_heartbeat(body: &[u8]) -> std::result::Result<Heartbeat, (StatusCode, String)> {
+    let heartbeat: Heartbeat = serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("not a heartbeat: {e}\n")))?;
     if heartbeat.schema_version != SCHEMA_VERSION {
         let msg = format!(
             "schema_version {} not supported (this coordinator knows {SCHEMA_VERSION})\n",
             heartbeat.schema_version
         );
-        return (StatusCode::UNPROCESSABLE_ENTITY, msg).into_response();
+        return Err((StatusCode::UNPROCESSABLE_ENTITY, msg));
     }
+    Ok(heartbeat)
+}
+
+/// Takes a heartbeat that parses as the typed model, of a schema version this coordinator
+/// knows.
+async fn receive(State(queen): State<Queen>, body: axum::body::Bytes) -> Response {
+    let heartbeat = match parse_heartbeat(&body) {
+        Ok(h) => h,
+        Err(refusal) => return refusal.into_response(),
+    };
     let now = Instant::now();
     let mut hives = queen.hives.lock().unwrap_or_else(|e| e.into_inner());
     hives.retain(|_, h| !h.dropped(now));

@@ -157,6 +157,8 @@ fn workers_vanishing_mid_sample_are_skipped() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let made = flicker.join().unwrap();
-    eprintln!("vanishing: {samples} samples while {made} cgroups came and went; {seen_flicker} seen in passing");
+    eprintln!(
+        "vanishing: {samples} samples while {made} cgroups came and went; {seen_flicker} seen in passing"
+    );
     assert!(samples > 20 && made > 100);
 }

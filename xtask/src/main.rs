@@ -1,4 +1,4 @@
-//! `cargo xtask build | run | test | bench`: the developer's entry points. Each first runs
+//! `cargo xtask build | run | test | bench | fuzz`: the developer's entry points. Each first runs
 //! `scripts/setup`, which installs the eBPF toolchain when it is missing and otherwise
 //! returns in a fraction of a second.
 use std::{
@@ -25,9 +25,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Measure the monitor's cost and accuracy (as root): prints tables and writes the
-    /// figures to target/bench/bench.json.
+    /// Measure the monitor's cost and accuracy (as root), then fuzz each parser briefly:
+    /// prints tables and writes the figures to target/bench/bench.json and fuzz.json.
     Bench,
+    /// Run each fuzz target (cargo fuzz, libFuzzer) for a bounded time and print the
+    /// executions reached; writes target/bench/fuzz.json.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Run every test (the workspace's default members: all but the BPF-only crate), the
     /// privileged ones against the running kernel.
     Test {
@@ -79,10 +86,75 @@ fn xtask(cli: Cli) -> Result<()> {
                 .arg("--out")
                 .arg(dir.join("bench.json"))
                 .arg("--scratch")
-                .arg(&dir))
+                .arg(&dir))?;
+            fuzz(&root, BENCH_FUZZ_SECONDS)
         }
+        Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Test { args } => run(Command::new(cargo()).current_dir(&root).arg("test").args(args)),
     }
+}
+
+/// Seconds per fuzz target when the bench runs them.
+const BENCH_FUZZ_SECONDS: u64 = 20;
+/// Every parser the daemon exposes to the network or to files (`fuzz/fuzz_targets`).
+const FUZZ_TARGETS: [&str; 4] = ["config", "heartbeat", "ack", "workers_query"];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Builds the fuzz targets (without a sanitizer: the code under test is safe Rust, and the
+/// stable compiler has none), runs each for `seconds` from its seeds, and reports.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    if !Command::new(cargo()).args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        run(Command::new(cargo()).args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+    let dir = root.join("fuzz");
+    // cargo-fuzz passes flags the stable compiler accepts only this way, as the eBPF build does.
+    let cargo_fuzz = |args: &[&str]| {
+        let mut cmd = Command::new(cargo());
+        cmd.current_dir(&dir).env("RUSTC_BOOTSTRAP", "1").arg("fuzz").args(args).args([
+            "--sanitizer",
+            "none",
+            "-O",
+        ]);
+        cmd
+    };
+    run(&mut cargo_fuzz(&["build"]))?;
+    let mut rows = Vec::new();
+    println!("\n== Fuzzing: each parser for {seconds} s (libFuzzer, from fuzz/seeds)");
+    println!("{:<16} {:>12} {:>10} {:>8}", "target", "executions", "exec/s", "crashes");
+    for target in FUZZ_TARGETS {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let out = cargo_fuzz(&["run", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .output()
+            .with_context(|| format!("cargo fuzz run {target}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let runs: u64 =
+            log.lines().find_map(|l| l.strip_prefix("Done ")?.split(' ').next()?.parse().ok()).unwrap_or(0);
+        let crashed = !out.status.success();
+        if crashed {
+            eprintln!("{log}");
+        }
+        println!("{target:<16} {runs:>12} {:>10} {:>8}", runs / seconds.max(1), u8::from(crashed));
+        rows.push(serde_json::json!({ "target": target, "seconds": seconds, "executions": runs, "crashed": crashed }));
+    }
+    let report = root.join("target/bench/fuzz.json");
+    std::fs::create_dir_all(report.parent().expect("target/bench"))?;
+    std::fs::write(&report, serde_json::to_string_pretty(&rows)?)?;
+    println!("figures written to {}", report.display());
+    if rows.iter().any(|r| r["crashed"] == true) {
+        bail!("a fuzz target crashed; the input is under fuzz/artifacts");
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

@@ -160,7 +160,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// An acknowledgement, if the body is one; anything else is logged and ignored.
-fn parse_ack(body: &[u8]) -> Option<Ack> {
+pub fn parse_ack(body: &[u8]) -> Option<Ack> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
