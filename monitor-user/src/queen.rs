@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{Error, Result},
     heartbeat::{Heartbeat, Worker, SCHEMA_VERSION},
-    sinks::api::{require_token, RequiredToken},
+    sinks::api::{limit_headers, require_token, RequiredToken},
 };
 
 /// A heartbeat of a few hundred workers is well under this.
@@ -67,6 +67,7 @@ pub fn run(addr: SocketAddr, token: Option<String>) -> Result<()> {
         .route("/v1/hives", get(hives))
         .route("/v1/workers", get(workers))
         .layer(middleware::from_fn_with_state(token, require_token))
+        .layer(middleware::from_fn(limit_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(queen);
     let runtime =

@@ -128,6 +128,8 @@ fn posts_heartbeats_and_honours_the_acknowledgement() {
     assert!((100.0..300.0).contains(&last["interval_ms"].as_f64().unwrap()), "{last}");
 }
 
+static HUGE_REPLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 #[test]
 fn a_misbehaving_coordinator_never_holds_up_sampling() {
     if !bpf_available("coordinator_misbehaves") {
@@ -142,6 +144,17 @@ fn a_misbehaving_coordinator_never_holds_up_sampling() {
         1 => (200, "<html>garbage</html>", Duration::ZERO),
         2 => (200, "{}", Duration::from_secs(3)), // beyond the 500 ms timeout
         3 => (503, "", Duration::ZERO),
+        // Malformed acknowledgements: ignored, and an interval out of bounds not honoured.
+        4 => (200, r#"{"next_interval_ms":1}"#, Duration::ZERO),
+        5 => (200, r#"{"next_interval_ms":-5}"#, Duration::ZERO),
+        6 => (200, r#"{"next_interval_ms":"soon"}"#, Duration::ZERO),
+        7 => (200, r#"{"next_interval_ms":1e30,"server_status":7}"#, Duration::ZERO),
+        8 => (
+            200,
+            r#"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["#,
+            Duration::ZERO,
+        ),
+        9 => (200, HUGE_REPLY.get_or_init(|| "x".repeat(1 << 20)), Duration::ZERO),
         _ => (200, "", Duration::ZERO),
     });
 
@@ -149,6 +162,7 @@ fn a_misbehaving_coordinator_never_holds_up_sampling() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // 20 samples at 200 ms: about 4 s, whatever the coordinator did.
     assert!(took < Duration::from_millis(5500), "sampling was held up: 20 heartbeats took {took:?}");
+    assert!(took > Duration::from_secs(3), "an out-of-bounds next_interval_ms was honoured: {took:?}");
     let seqs = seqs(&received);
     assert!(seqs.len() >= 5, "the daemon kept delivering after the failures: {seqs:?}");
     assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "never an older heartbeat after a newer one: {seqs:?}");

@@ -71,6 +71,7 @@ impl PullApi {
                         .route("/v1/capabilities", get(capabilities))
                         .route("/metrics", get(metrics))
                         .layer(middleware::from_fn_with_state(token, require_token))
+                        .layer(middleware::from_fn(limit_headers))
                         .layer(DefaultBodyLimit::max(MAX_BODY))
                         .with_state(shared);
                     match tokio::net::TcpListener::from_std(listener) {
@@ -92,6 +93,19 @@ impl PullApi {
     pub fn publish(&self, heartbeat: Arc<Heartbeat>) {
         *self.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(heartbeat);
     }
+}
+
+/// Bytes of request headers (names and values) a server takes; more is refused (431).
+pub const MAX_HEADER_BYTES: usize = 16 << 10;
+
+/// Middleware refusing requests whose headers exceed `MAX_HEADER_BYTES`.
+pub async fn limit_headers(request: Request, next: Next) -> Response {
+    let size: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+    if size > MAX_HEADER_BYTES {
+        let msg = format!("request headers are {size} bytes; at most {MAX_HEADER_BYTES}\n");
+        return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg).into_response();
+    }
+    next.run(request).await
 }
 
 /// The bearer token a server requires (`None`: open); state of `require_token`.
