@@ -6,19 +6,16 @@
 /// A worker beyond this is not counted and `ProbeStats::workers_full` says so.
 pub const MAX_WORKERS: u32 = 4096;
 
-/// Slice tasks that can wait on a run queue at the same moment. A task beyond this has its
-/// wait not measured and `ProbeStats::queued_full` says so.
-pub const MAX_QUEUED_TASKS: u32 = 32768;
-
 /// Cumulative counters of one worker, kept per CPU by the kernel and summed by the loader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerCounters {
     /// Nanoseconds the kernel charged to the worker's tasks (`sched_stat_runtime`).
     pub cpu_ns: u64,
-    /// Nanoseconds the worker's tasks spent runnable but not running.
+    /// Nanoseconds the worker's tasks spent runnable but not running: the kernel's own
+    /// `sched_info.run_delay` (`/proc/<pid>/schedstat`), summed as it grows.
     pub runq_wait_ns: u64,
-    /// Number of run-queue waits that ended (the task got the CPU).
+    /// Times the worker's tasks got a CPU (`sched_info.pcount`).
     pub runq_waits: u64,
     /// Switches where the task gave up the CPU itself (blocked).
     pub voluntary_switches: u64,
@@ -60,6 +57,11 @@ pub struct CurrentTask {
     /// Kernel address of its `css_set` when classified.
     pub css_set: u64,
     pub worker: u64,
+    /// The task's `sched_info.run_delay` and `pcount` as last added to its worker's
+    /// counters (for a worker's task); the growth since is its wait for this CPU. A task is
+    /// switched in and out on the same CPU, so a per-CPU slot is all the state it needs.
+    pub run_delay: u64,
+    pub pcount: u64,
 }
 
 /// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
@@ -122,8 +124,6 @@ pub struct TaskEvent {
 pub struct ProbeStats {
     /// Events for a worker that had no room in the `WORKERS` map.
     pub workers_full: u64,
-    /// Run-queue waits not measured because `QUEUED` was full.
-    pub queued_full: u64,
     /// Kernel pointers found NULL where a task or cgroup should be (torn down under us).
     pub read_errors: u64,
     /// Events of tasks nested more than `MAX_NESTING` cgroup levels below their worker.
@@ -165,8 +165,15 @@ pub struct KernelLayout {
     /// `sched_stat_runtime(task *p, u64 runtime)`
     pub runtime_task: u32,
     pub runtime_delta: u32,
-    /// `sched_wakeup(task *p)` and `sched_wakeup_new(task *p)`
-    pub wakeup_task: u32,
+    /// `task_struct.sched_info.run_delay`, `.pcount` and `.last_queued`
+    pub task_run_delay: u32,
+    pub task_pcount: u32,
+    pub task_last_queued: u32,
+    /// `task_struct.se.cfs_rq`, `cfs_rq.rq` and `rq.clock`: the clock of the run queue a
+    /// task is on, which the kernel's run-queue wait is measured with.
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
     /// `task_struct.tgid`
     pub task_tgid: u32,
     /// `sched_process_fork(task *parent, task *child)`

@@ -1,8 +1,7 @@
 //! `sched_process_fork`, `sched_process_exec`, `sched_process_exit`: a worker's processes
 //! starting, running a new program and ending. Each is counted in the worker's counters
 //! (exact) and sent to the loader as a `TaskEvent` (lossy when the ring buffer is full, and
-//! then counted). At every task's exit its run-queue entry, if any, is dropped, so `QUEUED`
-//! cannot fill with the dead.
+//! then counted).
 use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns},
     macros::btf_tracepoint,
@@ -12,7 +11,7 @@ use monitor_common::{TaskEvent, TaskEventKind};
 
 use crate::{
     kernel::{arg, field, layout, task_tid, worker_cached},
-    maps::{counters, current, emit, slice, QUEUED},
+    maps::{counters, current, emit, slice},
 };
 
 #[inline(always)]
@@ -71,7 +70,6 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     let task = arg::<2>(&ctx, layout!(exit_task));
     let tid = task_tid(task);
-    let _ = QUEUED.remove(tid);
     let worker = current_worker();
     if worker == 0 {
         return 0;

@@ -11,7 +11,6 @@ mod lifecycle;
 mod maps;
 mod sched_stat_runtime;
 mod sched_switch;
-mod sched_wakeup;
 mod sys_exit;
 mod writeback_dirty_folio;
 

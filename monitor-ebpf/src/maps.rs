@@ -5,13 +5,12 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_map_lookup_percpu_elem,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    CurrentTask, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, EVENTS_BYTES, MAX_QUEUED_TASKS,
-    MAX_WORKERS,
+    CurrentTask, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, EVENTS_BYTES, MAX_WORKERS,
 };
 
 /// Worker cgroup id → counters. Per CPU, so a worker busy on many cores never contends.
@@ -21,10 +20,6 @@ pub static WORKERS: PerCpuHashMap<u64, WorkerCounters> = PerCpuHashMap::with_max
 /// Per CPU: the task it switched to last.
 #[map]
 pub static CURRENT: PerCpuArray<CurrentTask> = PerCpuArray::with_max_entries(1, 0);
-
-/// Thread id → when a slice task became runnable (wakeup or preemption).
-#[map]
-pub static QUEUED: HashMap<u32, u64> = HashMap::with_max_entries(MAX_QUEUED_TASKS, 0);
 
 /// The watched slice (one entry), set by the loader.
 #[map]
@@ -102,21 +97,6 @@ fn counters_with<C: EbpfContext>(
                 s.workers_full += 1;
             }
             None
-        }
-    }
-}
-
-/// Remembers that slice task `tid` became runnable at `now`. `replace` is false for wakeups,
-/// which must not move the start of a wait that is already running.
-#[inline(always)]
-pub fn mark_queued(tid: u32, now: u64, replace: bool) {
-    let flags = if replace { 0 } else { BPF_NOEXIST as u64 };
-    // EEXIST under NOEXIST is the expected "already queued" case, not a failure.
-    if let Err(e) = QUEUED.insert(tid, now, flags) {
-        if e != -17 {
-            if let Some(s) = stats() {
-                s.queued_full += 1;
-            }
         }
     }
 }

@@ -172,9 +172,6 @@ struct RunArgs {
     /// and collector.probes.workers_map_full counts the lost events [default: 4096].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_WORKERS_LIMIT)))]
     max_workers: Option<u32>,
-    /// Slice tasks whose run-queue wait is timed at once [default: 32768].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_QUEUED_LIMIT)))]
-    max_queued_tasks: Option<u32>,
     /// Do not load the probes (also the fallback when they cannot be loaded): CPU from each
     /// worker's cpu.stat; run-queue wait and context switches are then unavailable.
     #[arg(long)]
@@ -321,7 +318,7 @@ impl Settings {
 fn fixed(config: &Config) -> impl PartialEq + std::fmt::Debug + '_ {
     (
         (&config.slice, &config.cgroup_root, &config.nvml_lib, &config.listen, &config.api_token_file),
-        (config.max_workers, config.max_queued_tasks),
+        config.max_workers,
     )
 }
 
@@ -343,8 +340,8 @@ fn reload(
     };
     if fixed(&new.0) != fixed(config) {
         log::warn!(
-            "SIGHUP: slice, cgroup_root, nvml_lib, listen, api_token_file and the map sizes change \
-             only on restart"
+            "SIGHUP: slice, cgroup_root, nvml_lib, listen, api_token_file and max_workers change only \
+             on restart"
         );
     }
     if new.1.coordinator != settings.coordinator
@@ -378,10 +375,6 @@ fn run(args: RunArgs) -> Result<(), Error> {
         bpf: if args.no_bpf { BpfMode::Off } else { BpfMode::Preferred },
         map_sizes: MapSizes {
             workers: args.max_workers.or(config.max_workers).unwrap_or(MapSizes::default().workers),
-            queued_tasks: args
-                .max_queued_tasks
-                .or(config.max_queued_tasks)
-                .unwrap_or(MapSizes::default().queued_tasks),
         },
     };
 

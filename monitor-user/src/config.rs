@@ -29,7 +29,6 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub api_token_file: Option<PathBuf>,
     pub max_workers: Option<u32>,
-    pub max_queued_tasks: Option<u32>,
 }
 
 /// Config files are small; anything larger is not one.
@@ -54,22 +53,16 @@ impl Config {
                 return Err(format!("prewarm_threshold {p} is not a percentage between 0 and 100"));
             }
         }
-        for (key, value, max) in [
-            ("max_workers", config.max_workers, MAX_WORKERS_LIMIT),
-            ("max_queued_tasks", config.max_queued_tasks, MAX_QUEUED_LIMIT),
-        ] {
-            if let Some(v) = value.filter(|v| !(1..=max).contains(v)) {
-                return Err(format!("{key} {v} is outside 1..={max}"));
-            }
+        if let Some(v) = config.max_workers.filter(|v| !(1..=MAX_WORKERS_LIMIT).contains(v)) {
+            return Err(format!("max_workers {v} is outside 1..={MAX_WORKERS_LIMIT}"));
         }
         Ok(config)
     }
 }
 
-/// Bounds on the map sizes an operator may ask for: the kernel allocates them up front
-/// (per CPU for the workers' counters).
+/// The most workers an operator may ask the kernel to keep counters for: the map is
+/// allocated up front, per CPU.
 pub const MAX_WORKERS_LIMIT: u32 = 1 << 20;
-pub const MAX_QUEUED_LIMIT: u32 = 1 << 22;
 
 /// A duration written as text (`"1s"`, `"500ms"`), between 10 ms and 1 h.
 pub fn parse_interval(s: &str) -> std::result::Result<Duration, String> {
@@ -126,7 +119,7 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/config.example.toml");
         let c = Config::load(&example).unwrap();
         assert_eq!((c.slice.as_deref(), c.prewarm_threshold), (Some("rbee.slice"), Some(80.0)));
-        assert_eq!((c.max_workers, c.max_queued_tasks), (Some(4096), Some(32768)));
+        assert_eq!(c.max_workers, Some(4096));
     }
 
     #[test]
@@ -140,7 +133,7 @@ mod tests {
             ("listen = \"everywhere\"", "invalid socket address"),
             ("slice = [", "unclosed array"),
             ("max_workers = 0", "outside 1..="),
-            ("max_queued_tasks = 99999999", "outside 1..="),
+            ("max_workers = 99999999", "outside 1..="),
             ("max_workers = -1", "invalid value"),
         ] {
             let e = parse(text).unwrap_err();

@@ -239,7 +239,6 @@ pub struct Collector {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ProbeHealth {
     pub workers_map_full: u64,
-    pub queued_map_full: u64,
     pub read_errors: u64,
     pub nested_too_deep: u64,
     /// Lifecycle events the ring buffer had no room for (the process counts stay exact).
@@ -304,7 +303,6 @@ impl Heartbeat {
                 host: Source::Procfs,
                 probes: ProbeHealth {
                     workers_map_full: sample.probe_stats.workers_full,
-                    queued_map_full: sample.probe_stats.queued_full,
                     read_errors: sample.probe_stats.read_errors,
                     nested_too_deep: sample.probe_stats.too_deep,
                     events_lost: sample.probe_stats.events_lost,

@@ -286,8 +286,6 @@ impl Sampler {
         // With the counters map full, a worker without an entry may have had its events
         // dropped: its probed figures are unknown, not zero.
         let map_full = self.probes.as_ref().is_some_and(|p| current.len() >= p.map_sizes().workers as usize);
-        // Run-queue waits went unmeasured this interval (QUEUED full): no rate is exact.
-        let waits_lost = reading.stats.queued_full > self.prev.stats.queued_full;
         let mut workers = Vec::with_capacity(cgroups.len());
         self.memory.begin_sample();
         for cg in cgroups {
@@ -341,7 +339,7 @@ impl Sampler {
                 at_ns: cur.at_ns,
                 cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval).filter(|_| counted),
                 runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval)
-                    .filter(|_| counted && !waits_lost),
+                    .filter(|_| counted),
                 syscall_read_bytes_s: per_second(
                     prev.counters.syscall_read_bytes,
                     counters.syscall_read_bytes,

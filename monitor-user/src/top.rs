@@ -352,7 +352,6 @@ mod tests {
                 host: s,
                 probes: ProbeHealth {
                     workers_map_full: 0,
-                    queued_map_full: 0,
                     read_errors: 0,
                     nested_too_deep: 0,
                     events_lost: 0,

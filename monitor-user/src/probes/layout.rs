@@ -16,20 +16,12 @@ const SYSCALL_NR_FIELD: &str = "syscallno";
 pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let switch = TracepointArgs::resolve(btf, "sched_switch")?;
     let runtime = TracepointArgs::resolve(btf, "sched_stat_runtime")?;
-    let wakeup = TracepointArgs::resolve(btf, "sched_wakeup")?;
-    let wakeup_new = TracepointArgs::resolve(btf, "sched_wakeup_new")?;
     let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
     let bio_queue = TracepointArgs::resolve(btf, "block_bio_queue")?;
     let dirty = TracepointArgs::resolve(btf, "writeback_dirty_folio")?;
     let fork = TracepointArgs::resolve(btf, "sched_process_fork")?;
     let exec = TracepointArgs::resolve(btf, "sched_process_exec")?;
     let exit = TracepointArgs::resolve(btf, "sched_process_exit")?;
-    let wakeup_task = wakeup.nth(task_ptr(), 0)?;
-    if wakeup_new.nth(task_ptr(), 0)? != wakeup_task {
-        return Err(Error::Btf(
-            "sched_wakeup and sched_wakeup_new take the task at different positions".into(),
-        ));
-    }
     let task_cpu = offset(btf, "task_struct", &["thread_info", "cpu"])
         .or_else(|_| offset(btf, "task_struct", &["cpu"]))?;
     Ok(KernelLayout {
@@ -48,7 +40,12 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
         switch_prev_state: switch.nth(ArgKind::Int(4), 0)?,
         runtime_task: runtime.nth(task_ptr(), 0)?,
         runtime_delta: runtime.nth(ArgKind::Int(8), 0)?,
-        wakeup_task,
+        task_run_delay: offset(btf, "task_struct", &["sched_info", "run_delay"])?,
+        task_pcount: offset(btf, "task_struct", &["sched_info", "pcount"])?,
+        task_last_queued: offset(btf, "task_struct", &["sched_info", "last_queued"])?,
+        task_cfs_rq: offset(btf, "task_struct", &["se", "cfs_rq"])?,
+        cfs_rq_rq: offset(btf, "cfs_rq", &["rq"])?,
+        rq_clock: offset(btf, "rq", &["clock"])?,
         task_tgid: offset(btf, "task_struct", &["tgid"])?,
         fork_parent: fork.nth(task_ptr(), 0)?,
         fork_child: fork.nth(task_ptr(), 1)?,

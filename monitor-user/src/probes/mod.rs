@@ -8,9 +8,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{
-    IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, MAX_QUEUED_TASKS, MAX_WORKERS,
-};
+use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, MAX_WORKERS};
 
 use crate::error::{Error, Result};
 
@@ -18,11 +16,9 @@ use crate::error::{Error, Result};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 /// The programs, each attached (`tp_btf`) to the tracepoint of its name.
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 8] = [
     "sched_stat_runtime",
     "sched_switch",
-    "sched_wakeup",
-    "sched_wakeup_new",
     "sys_exit",
     "block_bio_queue",
     "writeback_dirty_folio",
@@ -50,13 +46,11 @@ const IO_SYSCALLS: IoSyscalls =
 pub struct MapSizes {
     /// Workers with counters (`WORKERS`).
     pub workers: u32,
-    /// Slice tasks whose run-queue wait is being timed at once (`QUEUED`).
-    pub queued_tasks: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self { workers: MAX_WORKERS, queued_tasks: MAX_QUEUED_TASKS }
+        Self { workers: MAX_WORKERS }
     }
 }
 
@@ -66,7 +60,6 @@ pub struct Probes {
     workers: PerCpuHashMap<MapData, u64, WorkerCounters>,
     slice: Array<MapData, SliceFilter>,
     stats: PerCpuArray<MapData, ProbeStats>,
-    queued: aya::maps::HashMap<MapData, u32, u64>,
     events: RingBuf<MapData>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
@@ -124,7 +117,6 @@ impl Probes {
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("IO_SYSCALLS", &IO_SYSCALLS, true)
             .map_max_entries("WORKERS", sizes.workers)
-            .map_max_entries("QUEUED", sizes.queued_tasks)
             .load(OBJECT)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -154,7 +146,6 @@ impl Probes {
             slice: take_map(&mut ebpf, "SLICE")?,
             stats: take_map(&mut ebpf, "STATS")?,
             events: take_map(&mut ebpf, "EVENTS")?,
-            queued: take_map(&mut ebpf, "QUEUED")?,
             logger,
             ebpf,
         })
@@ -204,11 +195,6 @@ impl Probes {
         self.workers.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "WORKERS", source })
     }
 
-    /// The threads with a run-queue wait being timed now (`QUEUED`'s keys).
-    pub fn queued_tids(&self) -> Result<Vec<u32>> {
-        self.queued.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "QUEUED", source })
-    }
-
     /// The lifecycle events sent since the last call, oldest first; never waits.
     pub fn drain_events(&mut self) -> Vec<TaskEvent> {
         let mut events = Vec::new();
@@ -242,7 +228,6 @@ impl Probes {
         let stats = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
         let stats = stats.iter().fold(ProbeStats::default(), |a, s| ProbeStats {
             workers_full: a.workers_full + s.workers_full,
-            queued_full: a.queued_full + s.queued_full,
             read_errors: a.read_errors + s.read_errors,
             too_deep: a.too_deep + s.too_deep,
             events_lost: a.events_lost + s.events_lost,
