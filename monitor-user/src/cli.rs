@@ -3,10 +3,7 @@
 use std::{
     path::PathBuf,
     process::ExitCode,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{Arc, Condvar, Mutex},
     time::Duration,
 };
 
@@ -30,8 +27,6 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:7835";
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_PREWARM_PCT: f64 = 80.0;
-/// How often the wait for the next sample looks for a stop request.
-const STOP_POLL: Duration = Duration::from_millis(20);
 
 fn default_listen() -> std::net::SocketAddr {
     DEFAULT_LISTEN.parse().expect("a socket address")
@@ -271,6 +266,68 @@ fn spawn(args: SpawnArgs) -> Result<i32, Error> {
     spawn::run(&args.cgroup.load()?.1, &spec)
 }
 
+/// Why the wait for the next sample ended.
+enum Woken {
+    Deadline,
+    Stop,
+    Hangup,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, taken by a thread of their own so that the wait for the next
+/// sample sleeps until its deadline (or a signal) instead of waking up to poll a flag.
+struct Signals {
+    /// (stop requested, hangup not yet handled)
+    state: Mutex<(bool, bool)>,
+    wake: Condvar,
+}
+
+impl Signals {
+    fn install() -> Result<Arc<Self>, Error> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut incoming = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+            .map_err(|e| Error::io("signal handler", e))?;
+        let me = Arc::new(Self { state: Mutex::new((false, false)), wake: Condvar::new() });
+        let shared = Arc::clone(&me);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in incoming.forever() {
+                    let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    match signal {
+                        SIGHUP => state.1 = true,
+                        _ => state.0 = true,
+                    }
+                    shared.wake.notify_all();
+                }
+            })
+            .map_err(|e| Error::io("signal thread", e))?;
+        Ok(me)
+    }
+
+    /// Sleeps until CLOCK_MONOTONIC reaches `deadline_ns` or a signal comes; a stop wins
+    /// over a hangup, which is reported once.
+    fn wait_until(&self, deadline_ns: u64) -> Woken {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match *state {
+                (true, _) => return Woken::Stop,
+                (false, true) => {
+                    state.1 = false;
+                    return Woken::Hangup;
+                }
+                _ => {}
+            }
+            let now = monotonic_ns();
+            if now >= deadline_ns {
+                return Woken::Deadline;
+            }
+            // std's condition variable times out on the monotonic clock.
+            let wait = Duration::from_nanos(deadline_ns - now);
+            state = self.wake.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
 /// The `run` settings that can change while running: flags, then the config file (read
 /// again on SIGHUP), then defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -365,6 +422,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
     // Flags, then the config file, then defaults.
     let (mut config, slice) = args.cgroup.load()?;
     let _lock = SliceLock::take(&slice.dir())?;
+    raise_fd_limit();
     let mut settings = Settings::resolve(&args, &config)?;
     let api_token =
         args.api_token_file.as_ref().or(config.api_token_file.as_ref()).map(|p| read_token(p)).transpose()?;
@@ -394,35 +452,33 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let mut sent = 0u64;
     // SIGTERM or SIGINT: one last heartbeat saying "stopping", then exit 0 (the probes are
     // detached when they are dropped). SIGHUP: read the config file again.
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|e| Error::io("signal handler", e))?;
-    }
-    let hangup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
-        .map_err(|e| Error::io("signal handler", e))?;
+    let signals = Signals::install()?;
     let mut identity = identity(settings.hive_id.clone());
     while args.count.is_none_or(|n| sent < n) {
-        if hangup.swap(false, Ordering::Relaxed) {
-            reload(&args, &mut config, &mut settings, &mut sampler, &mut sink);
-            interval_ns = settings.interval.as_nanos() as u64;
-            identity = self::identity(settings.hive_id.clone());
-        }
         // Fixed deadlines, so the cadence does not drift; a missed one is skipped, not bunched.
-        let now = monotonic_ns();
-        deadline += interval_ns;
-        if deadline < now {
-            deadline += (now - deadline).div_ceil(interval_ns) * interval_ns;
-        }
-        while !stop.load(Ordering::Relaxed) && !hangup.load(Ordering::Relaxed) && monotonic_ns() < deadline {
-            std::thread::sleep(Duration::from_nanos(deadline.saturating_sub(monotonic_ns())).min(STOP_POLL));
-        }
-        if hangup.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) && monotonic_ns() < deadline {
-            // Reload first; the interval being waited out may change.
-            deadline -= interval_ns;
-            continue;
-        }
-        let stopping = stop.load(Ordering::Relaxed);
+        let stopping = loop {
+            let mut next = deadline + interval_ns;
+            let now = monotonic_ns();
+            if next < now {
+                next += (now - next).div_ceil(interval_ns) * interval_ns;
+            }
+            match signals.wait_until(next) {
+                Woken::Deadline => {
+                    deadline = next;
+                    break false;
+                }
+                Woken::Stop => {
+                    deadline = next.min(monotonic_ns());
+                    break true;
+                }
+                // Reload, then wait again: the interval being waited out may have changed.
+                Woken::Hangup => {
+                    reload(&args, &mut config, &mut settings, &mut sampler, &mut sink);
+                    interval_ns = settings.interval.as_nanos() as u64;
+                    identity = self::identity(settings.hive_id.clone());
+                }
+            }
+        };
         let sample = sampler.sample()?;
         let mut heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
         if stopping {
@@ -470,6 +526,22 @@ fn run(args: RunArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The sampler keeps two files open per worker (its `cgroup.procs` and a memory file or
+/// its processes' `statm`) to re-read them each interval; the usual soft limit of 1024
+/// descriptors would not hold a thousand workers. Up to the hard limit is ours to take.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers to a rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                log::debug!("open files limit stays low: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
 }
 
 fn identity(hive_id: Option<String>) -> HiveIdentity {
