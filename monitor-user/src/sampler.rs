@@ -16,6 +16,7 @@ use crate::{
         model::ModelNames,
         nvml::{DeviceReading, GpuReading, Gpus},
         procfs::{self, HostCpu, ProcessIo},
+        KeptFiles,
     },
 };
 
@@ -175,6 +176,8 @@ pub struct Sampler {
     mains: HashMap<u64, MainProcess>,
     models: ModelNames,
     memory: MemorySource,
+    /// Each worker's `cgroup.procs`, kept open.
+    procs_files: KeptFiles,
     /// Without the probes: I/O from `/proc/<pid>/io`.
     fallback_io: FallbackIo,
     host_cpu: Option<HostCpu>,
@@ -227,6 +230,7 @@ impl Sampler {
             mains: HashMap::new(),
             models: ModelNames::new(),
             memory: MemorySource::new(v1_memory_mount()),
+            procs_files: KeptFiles::default(),
             fallback_io: FallbackIo::default(),
             host_cpu: procfs::host_cpu().ok(),
             gpus: Gpus::open(options.nvml_lib.as_deref()),
@@ -288,8 +292,9 @@ impl Sampler {
         let map_full = self.probes.as_ref().is_some_and(|p| current.len() >= p.map_sizes().workers as usize);
         let mut workers = Vec::with_capacity(cgroups.len());
         self.memory.begin_sample();
+        self.procs_files.sweep();
         for cg in cgroups {
-            let procs = match cgroup::worker_procs(&cg) {
+            let procs = match cgroup::worker_procs(&cg, &mut self.procs_files) {
                 Ok(p) => p,
                 Err(e) => {
                     log::debug!("worker {}/{} skipped: {e}", cg.group, cg.instance);

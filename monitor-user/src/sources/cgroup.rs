@@ -174,9 +174,22 @@ pub fn procs(dir: &Path) -> Result<Vec<u32>> {
     procs_below(dir, std::fs::metadata(dir).is_ok_and(|m| has_children(&m)))
 }
 
-/// The processes of a worker, in its cgroup and below.
-pub fn worker_procs(worker: &WorkerCgroup) -> Result<Vec<u32>> {
-    procs_below(&worker.dir, worker.nested)
+/// The processes of a worker, in its cgroup and below; its own `cgroup.procs` through
+/// `files`, which keeps it open for the next sample.
+pub fn worker_procs(worker: &WorkerCgroup, files: &mut super::KeptFiles) -> Result<Vec<u32>> {
+    let file = worker.dir.join("cgroup.procs");
+    let text = files.read(&file).map_err(|e| Error::io(&file, e))?;
+    let mut out = pids(&text);
+    if worker.nested {
+        for (child, nested) in subdirs_any(&worker.dir).map_err(|e| Error::io(&worker.dir, e))? {
+            out.extend(procs_below(&child, nested)?);
+        }
+    }
+    Ok(out)
+}
+
+fn pids(text: &str) -> Vec<u32> {
+    text.lines().filter_map(|l| l.trim().parse::<u32>().ok()).collect()
 }
 
 fn procs_below(dir: &Path, nested: bool) -> Result<Vec<u32>> {
@@ -185,7 +198,7 @@ fn procs_below(dir: &Path, nested: bool) -> Result<Vec<u32>> {
     while let Some((d, nested)) = stack.pop() {
         let file = d.join("cgroup.procs");
         let text = super::read_small(&file).map_err(|e| Error::io(&file, e))?;
-        out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        out.extend(pids(&text));
         if !nested {
             continue;
         }

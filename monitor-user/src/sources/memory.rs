@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     error::{Error, Result},
-    sources::cgroup,
+    sources::{cgroup, KeptFiles},
 };
 
 /// Where a reading came from.
@@ -52,16 +52,25 @@ pub struct MemorySource {
     /// share one, its members are listed once, not once per worker.
     v1_members: HashMap<PathBuf, HashSet<u32>>,
     samples: u64,
+    /// The memory files of the workers and their processes, kept open.
+    files: KeptFiles,
 }
 
 impl MemorySource {
     pub fn new(v1_mount: Option<PathBuf>) -> Self {
-        Self { v1_mount, v1_dirs: HashMap::new(), v1_members: HashMap::new(), samples: 0 }
+        Self {
+            v1_mount,
+            v1_dirs: HashMap::new(),
+            v1_members: HashMap::new(),
+            samples: 0,
+            files: KeptFiles::default(),
+        }
     }
 
     /// Starts a sample: what was listed for the last one is stale.
     pub fn begin_sample(&mut self) {
         self.v1_members.clear();
+        self.files.sweep();
         self.samples += 1;
         if self.samples.is_multiple_of(V1_DIR_REFRESH) {
             self.v1_dirs.clear();
@@ -80,9 +89,9 @@ impl MemorySource {
     pub fn read(&mut self, dir: &Path, procs: &[u32], main: Option<u32>) -> Result<MemoryReading> {
         let Some(mount) = &self.v1_mount else {
             if dir.join("memory.current").exists() {
-                return read_v2(dir);
+                return read_v2(&mut self.files, dir);
             }
-            return read_procfs(procs);
+            return read_procfs(&mut self.files, procs);
         };
         if let Some(main) = main {
             let v1 = match self.v1_dirs.entry(main) {
@@ -94,10 +103,10 @@ impl MemorySource {
                 Entry::Vacant(e) => e.insert(cgroup::procs(v1)?.into_iter().collect()),
             };
             if inside.len() == procs.len() && procs.iter().all(|p| inside.contains(p)) {
-                return read_v1(v1);
+                return read_v1(&mut self.files, v1);
             }
         }
-        read_procfs(procs)
+        read_procfs(&mut self.files, procs)
     }
 }
 
@@ -116,20 +125,21 @@ fn v1_memory_dir(mount: &Path, pid: u32) -> Result<PathBuf> {
     Ok(mount.join(rel.trim_start_matches('/')))
 }
 
-fn read_v2(dir: &Path) -> Result<MemoryReading> {
-    let stat = read_file(&dir.join("memory.stat"))?;
+fn read_v2(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReading> {
+    let mut read_file = |name: &str| read_file(files, &dir.join(name));
+    let stat = read_file("memory.stat")?;
     Ok(MemoryReading {
         origin: Origin::CgroupV2,
-        current: read_u64(&dir.join("memory.current"))?,
+        current: number(&dir.join("memory.current"), &read_file("memory.current")?)?,
         anon: Some(field(&stat, "anon").ok_or_else(|| invalid(dir.join("memory.stat"), "no anon"))?),
         file: Some(field(&stat, "file").ok_or_else(|| invalid(dir.join("memory.stat"), "no file"))?),
         // memory.peak appeared in Linux 5.19.
-        peak: read_u64(&dir.join("memory.peak")).ok(),
-        limit: match read_file(&dir.join("memory.max"))?.trim() {
+        peak: read_file("memory.peak").ok().and_then(|t| number(&dir.join("memory.peak"), &t).ok()),
+        limit: match read_file("memory.max")?.trim() {
             "max" => None,
             v => Some(v.parse().map_err(|_| invalid(dir.join("memory.max"), "not a number"))?),
         },
-        oom_kills: field(&read_file(&dir.join("memory.events"))?, "oom_kill"),
+        oom_kills: field(&read_file("memory.events")?, "oom_kill"),
     })
 }
 
@@ -137,18 +147,24 @@ fn read_v2(dir: &Path) -> Result<MemoryReading> {
 /// rounded to pages).
 const V1_UNLIMITED: u64 = 1 << 62;
 
-fn read_v1(dir: &Path) -> Result<MemoryReading> {
-    let stat = read_file(&dir.join("memory.stat"))?;
-    let limit = read_u64(&dir.join("memory.limit_in_bytes"))?;
+fn read_v1(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReading> {
+    let mut read_u64 = |name: &str| {
+        let path = dir.join(name);
+        number(&path, &read_file(files, &path)?)
+    };
+    let limit = read_u64("memory.limit_in_bytes")?;
+    let current = read_u64("memory.usage_in_bytes")?;
+    let peak = read_u64("memory.max_usage_in_bytes")?;
+    let stat = read_file(files, &dir.join("memory.stat"))?;
     Ok(MemoryReading {
         origin: Origin::CgroupV1,
-        current: read_u64(&dir.join("memory.usage_in_bytes"))?,
+        current,
         // The total_ fields include the cgroup's descendants, as usage_in_bytes does.
         anon: field(&stat, "total_rss"),
         file: field(&stat, "total_cache"),
-        peak: Some(read_u64(&dir.join("memory.max_usage_in_bytes"))?),
+        peak: Some(peak),
         limit: (limit < V1_UNLIMITED).then_some(limit),
-        oom_kills: field(&read_file(&dir.join("memory.oom_control"))?, "oom_kill"),
+        oom_kills: field(&read_file(files, &dir.join("memory.oom_control"))?, "oom_kill"),
     })
 }
 
@@ -156,12 +172,12 @@ fn read_v1(dir: &Path) -> Result<MemoryReading> {
 /// kernel to produce than `status`): resident pages, of which `shared` are file-backed or
 /// shmem (`RssFile` + `RssShmem`) and the rest anonymous. A process that exited meanwhile
 /// holds no memory any more and is skipped.
-fn read_procfs(procs: &[u32]) -> Result<MemoryReading> {
+fn read_procfs(files: &mut KeptFiles, procs: &[u32]) -> Result<MemoryReading> {
     let page = page_size();
     let (mut resident, mut shared) = (0, 0);
     for pid in procs {
-        let path = format!("/proc/{pid}/statm");
-        let statm = match super::read_small(path.as_ref()) {
+        let path = PathBuf::from(format!("/proc/{pid}/statm"));
+        let statm = match files.read(&path) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(&path, e)),
@@ -200,12 +216,13 @@ fn field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-fn read_file(path: &Path) -> Result<String> {
-    super::read_small(path).map_err(|e| Error::io(path, e))
+fn read_file(files: &mut KeptFiles, path: &Path) -> Result<String> {
+    files.read(path).map_err(|e| Error::io(path, e))
 }
 
-fn read_u64(path: &Path) -> Result<u64> {
-    read_file(path)?.trim().parse().map_err(|_| invalid(path, "not a number"))
+/// A file holding one number.
+fn number(path: &Path, text: &str) -> Result<u64> {
+    text.trim().parse().map_err(|_| invalid(path, "not a number"))
 }
 
 fn invalid(path: impl AsRef<Path>, what: &str) -> Error {
@@ -237,7 +254,7 @@ mod tests {
 
     #[test]
     fn own_process_from_procfs() {
-        let m = read_procfs(&[std::process::id(), u32::MAX]).unwrap();
+        let m = read_procfs(&mut KeptFiles::default(), &[std::process::id(), u32::MAX]).unwrap();
         assert_eq!(m.origin, Origin::Procfs);
         assert!(m.current > 0 && m.anon.unwrap() > 0, "{m:?}");
         assert!(m.anon.unwrap() + m.file.unwrap() <= m.current + 4096, "{m:?}");

@@ -9,14 +9,85 @@ pub mod procfs;
 /// `std::fs::read_to_string` it asks for no size hint (a `statx` and an `lseek` per file,
 /// meaningless for these files), which matters at thousands of reads a second.
 pub fn read_small(path: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    read_from_start(&std::fs::File::open(path)?)
+}
+
+/// Kernel files kept open from one sample to the next and read again from offset 0, which
+/// makes the kernel generate them afresh: no path walk, open or close per read. A file
+/// whose object is gone (a removed cgroup: ENODEV; an exited process: ESRCH, also when its
+/// pid was reused) fails to read and is opened again by path. Files not read during a
+/// sample are closed at the next `sweep`. All `KeptFiles` together keep at most what the
+/// open-files limit leaves after `FD_RESERVE`; beyond that a file is read the plain way.
+#[derive(Default)]
+pub struct KeptFiles {
+    files: std::collections::HashMap<std::path::PathBuf, (std::fs::File, bool)>,
+}
+
+/// Descriptors left for everything else: sockets, the probes' maps and programs, libraries,
+/// directory walks.
+const FD_RESERVE: usize = 256;
+
+/// Files kept open by all `KeptFiles` of the process.
+static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn kept_limit() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid pointer to a rlimit.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
+        _ => 1024,
+    };
+    soft.saturating_sub(FD_RESERVE)
+}
+
+impl KeptFiles {
+    pub fn read(&mut self, path: &std::path::Path) -> std::io::Result<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some((file, used)) = self.files.get_mut(path) {
+            *used = true;
+            match read_from_start(file) {
+                Ok(text) => return Ok(text),
+                Err(_) => self.forget(path),
+            }
+        }
+        if KEPT.load(Relaxed) >= kept_limit() {
+            return read_small(path);
+        }
+        let file = std::fs::File::open(path)?;
+        let text = read_from_start(&file)?;
+        self.files.insert(path.to_path_buf(), (file, true));
+        KEPT.fetch_add(1, Relaxed);
+        Ok(text)
+    }
+
+    fn forget(&mut self, path: &std::path::Path) {
+        if self.files.remove(path).is_some() {
+            KEPT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the files not read since the last sweep.
+    pub fn sweep(&mut self) {
+        let before = self.files.len();
+        self.files.retain(|_, (_, used)| std::mem::take(used));
+        KEPT.fetch_sub(before - self.files.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for KeptFiles {
+    fn drop(&mut self) {
+        KEPT.fetch_sub(self.files.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn read_from_start(file: &std::fs::File) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
     let (mut buf, mut len) = (vec![0u8; 4096], 0);
     loop {
         if len == buf.len() {
             buf.resize(len * 2, 0);
         }
-        match file.read(&mut buf[len..]) {
+        match file.read_at(&mut buf[len..], len as u64) {
             Ok(0) => break,
             Ok(n) => len += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
