@@ -47,6 +47,18 @@ fn wait_up(client: &reqwest::blocking::Client, url: &str, token: Option<&str>) {
     }
 }
 
+/// Checks a reply's status is one of `want`, and counts the request.
+fn answered(
+    tried: &mut usize,
+    what: &str,
+    reply: Result<reqwest::blocking::Response, reqwest::Error>,
+    want: &[u16],
+) {
+    *tried += 1;
+    let got = reply.map(|r| r.status().as_u16());
+    assert!(got.as_ref().is_ok_and(|s| want.contains(s)), "{what}: {got:?}, wanted one of {want:?}");
+}
+
 #[test]
 fn hostile_cgroup_names_are_skipped() {
     if !bpf_available("hostile_names") {
@@ -93,12 +105,7 @@ fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
     let seed = include_str!("../../fuzz/seeds/heartbeat/one-worker.json");
     let post = |body: Vec<u8>| client.post(format!("{base}/v1/hive-heartbeat")).body(body).send();
     let mut tried = 0;
-    let mut expect =
-        |what: &str, status: Result<reqwest::blocking::Response, reqwest::Error>, want: &[u16]| {
-            tried += 1;
-            let got = status.map(|r| r.status().as_u16());
-            assert!(got.as_ref().is_ok_and(|s| want.contains(s)), "{what}: {got:?}, wanted one of {want:?}");
-        };
+    let mut expect = |what: &str, reply, want: &[u16]| answered(&mut tried, what, reply, want);
     expect("5 MiB body", post(vec![b' '; 5 << 20]), &[413]);
     expect("nested 100 000 deep", post(vec![b'['; 100_000]), &[400]);
     expect("not UTF-8", post(vec![0xff; 64]), &[400]);
@@ -154,12 +161,7 @@ fn the_pull_api_refuses_bad_requests_and_keeps_serving() {
     let _ = std::fs::remove_file(&token);
     let hb = format!("{base}/v1/heartbeat");
     let mut tried = 0;
-    let mut expect =
-        |what: &str, status: Result<reqwest::blocking::Response, reqwest::Error>, want: &[u16]| {
-            tried += 1;
-            let got = status.map(|r| r.status().as_u16());
-            assert!(got.as_ref().is_ok_and(|s| want.contains(s)), "{what}: {got:?}, wanted one of {want:?}");
-        };
+    let mut expect = |what: &str, reply, want: &[u16]| answered(&mut tried, what, reply, want);
     expect("no token", client.get(&hb).send(), &[401]);
     expect("empty bearer", client.get(&hb).header("authorization", "Bearer ").send(), &[401]);
     expect("basic auth", client.get(&hb).basic_auth("s3cret", Some("s3cret")).send(), &[401]);
