@@ -21,17 +21,17 @@ pub struct WorkerCounters {
     pub voluntary_switches: u64,
     /// Switches where the task was preempted or yielded while runnable.
     pub involuntary_switches: u64,
-    /// Bytes the worker's tasks asked to read and got, through read-type system calls:
-    /// the growth of their `rchar` (`/proc/<pid>/io`).
+    /// Bytes the worker's tasks asked to read and got, through read-type system calls
+    /// (`/proc/<pid>/io` `rchar` semantics).
     pub syscall_read_bytes: u64,
-    /// Bytes written through write-type system calls: the growth of their `wchar`.
+    /// Bytes written through write-type system calls (`wchar` semantics).
     pub syscall_write_bytes: u64,
-    /// Bytes the worker's tasks caused to be read from storage: the growth of their
-    /// `read_bytes` (page-cache misses, readahead, faults on mapped files, direct reads).
+    /// Bytes of read requests the worker's tasks submitted to block devices (`read_bytes`
+    /// semantics): page-cache misses, readahead, page faults on mapped files, direct I/O.
     pub storage_read_bytes: u64,
-    /// Bytes they caused to be written: the growth of their `write_bytes` (pages dirtied on
-    /// file systems that write back, counted when dirtied as the kernel does, and direct
-    /// writes).
+    /// Bytes the worker will have written to storage (`write_bytes` semantics): page-cache
+    /// pages it dirtied on file systems that write back (counted when dirtied, as the kernel
+    /// does, not when the flusher writes them) plus direct writes it submitted.
     pub storage_write_bytes: u64,
     /// Processes (not threads) the worker's tasks forked, that ran a new program, and that
     /// exited (their last thread).
@@ -46,19 +46,6 @@ pub struct WorkerCounters {
     pub running_since_ns: u64,
 }
 
-/// A task's own cumulative figures, as the kernel keeps them: run-queue wait
-/// (`sched_info`, `/proc/<pid>/schedstat`) and I/O (`ioac`, `/proc/<pid>/io`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TaskFigures {
-    pub run_delay: u64,
-    pub pcount: u64,
-    pub rchar: u64,
-    pub wchar: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-}
-
 /// The task a CPU switched to last, and its worker (0: none); a per-CPU cache that spares
 /// the probes classifying the same task again. Valid while the task's `css_set` is the one
 /// recorded: moving to another cgroup gives the task a new one.
@@ -70,10 +57,11 @@ pub struct CurrentTask {
     /// Kernel address of its `css_set` when classified.
     pub css_set: u64,
     pub worker: u64,
-    /// For a worker's task: its figures as last added to the worker's counters. Their growth
-    /// since is what the task did meanwhile; a task runs on one CPU between being switched in
-    /// and out, so a per-CPU slot is all the state it needs.
-    pub seen: TaskFigures,
+    /// The task's `sched_info.run_delay` and `pcount` as last added to its worker's
+    /// counters (for a worker's task); the growth since is its wait for this CPU. A task is
+    /// switched in and out on the same CPU, so a per-CPU slot is all the state it needs.
+    pub run_delay: u64,
+    pub pcount: u64,
 }
 
 /// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
@@ -84,6 +72,17 @@ pub struct CurrentTask {
 pub struct SliceFilter {
     /// v2 cgroup id (inode number) of the slice directory; 0 = no slice yet, count nothing.
     pub id: u64,
+}
+
+/// The system calls whose bytes count as read, as written, or as both (sendfile,
+/// copy_file_range), by number on this architecture; unused slots hold `u32::MAX`. Handed in
+/// by the loader, which knows the architecture's numbers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoSyscalls {
+    pub read: [u32; 5],
+    pub write: [u32; 5],
+    pub both: [u32; 2],
 }
 
 /// Cgroup levels below a worker whose tasks still count for it; a task deeper than this is
@@ -182,19 +181,46 @@ pub struct KernelLayout {
     pub fork_child: u32,
     /// `sched_process_exec(task *p, pid_t old_pid, struct linux_binprm *bprm)`
     pub exec_task: u32,
-    /// `cgroup_attach_task(cgroup *dst, const char *path, task *task, bool threadgroup)`
-    pub attach_task: u32,
     /// `sched_process_exit(task *p[, bool group_dead])`; `group_dead` is `u32::MAX` on
     /// kernels without it (before 6.16), where the thread group leader's exit stands in.
     pub exit_task: u32,
     pub exit_group_dead: u32,
-    /// `task_struct.ioac` (`struct task_io_accounting`, what `/proc/<pid>/io` shows) and
-    /// the offsets of its `rchar`, `wchar`, `read_bytes` and `write_bytes` within it.
-    pub task_ioac: u32,
-    pub ioac_rchar: u32,
-    pub ioac_wchar: u32,
-    pub ioac_read_bytes: u32,
-    pub ioac_write_bytes: u32,
+    /// `sys_exit(struct pt_regs *regs, long ret)`
+    pub sys_exit_regs: u32,
+    pub sys_exit_ret: u32,
+    /// The system call number in `pt_regs` (`orig_ax` on x86-64).
+    pub pt_regs_syscall_nr: u32,
+    /// `block_bio_queue(struct bio *bio)`
+    pub bio_queue_bio: u32,
+    /// `bio.bi_opf` (operation in the low byte) and `bio.bi_iter.bi_size`
+    pub bio_opf: u32,
+    pub bio_size: u32,
+    /// `bio.bi_vcnt`, `bio.bi_io_vec` and `bio_vec.bv_page`: the first page a bio carries.
+    pub bio_vcnt: u32,
+    pub bio_io_vec: u32,
+    pub bio_vec_page: u32,
+    /// `task_struct.bio_list`: set while a block driver resubmits bios on the task's behalf.
+    pub task_bio_list: u32,
+    /// `page.flags` (also `folio.flags`) and `page.compound_head` (bit 0: a tail page).
+    pub page_flags: u32,
+    pub page_compound_head: u32,
+    /// Bit numbers in `page.flags`: `PG_writeback` and `PG_head` (a large folio).
+    pub pg_writeback: u32,
+    pub pg_head: u32,
+    /// `folio._nr_pages`, the page count of a large folio.
+    pub folio_nr_pages: u32,
+    /// `writeback_dirty_folio(struct folio *folio, struct address_space *mapping)`
+    pub dirty_folio: u32,
+    pub dirty_mapping: u32,
+    /// `address_space.host`, `inode.i_sb`, `super_block.s_bdi`, `super_block.s_magic` and
+    /// `backing_dev_info.capabilities`: whether dirtied pages will be written back.
+    pub mapping_host: u32,
+    pub inode_sb: u32,
+    pub sb_bdi: u32,
+    pub sb_magic: u32,
+    pub bdi_capabilities: u32,
+    /// Bytes per page.
+    pub page_size: u32,
     /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
     pub slice_level: u32,
 }
@@ -207,5 +233,6 @@ mod pod {
     unsafe impl aya::Pod for super::SliceFilter {}
     unsafe impl aya::Pod for super::ProbeStats {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::IoSyscalls {}
     unsafe impl aya::Pod for super::TaskEvent {}
 }

@@ -6,7 +6,7 @@
 //! field of the right size. The offsets come from `LAYOUT`, a frozen read-only global, which
 //! the verifier treats as constants.
 use aya_ebpf::programs::BtfTracePointContext;
-use monitor_common::{CurrentTask, KernelLayout, SliceFilter, TaskFigures, MAX_NESTING};
+use monitor_common::{CurrentTask, KernelLayout, SliceFilter, MAX_NESTING};
 
 use crate::maps::stats;
 
@@ -69,20 +69,6 @@ pub fn task_tid(task: u64) -> u32 {
 #[inline(always)]
 pub fn task_cpu(task: u64) -> u32 {
     field(task, layout!(task_cpu))
-}
-
-/// `task`'s cumulative run-queue wait and I/O, as the kernel keeps them.
-#[inline(always)]
-pub fn task_figures(task: u64) -> TaskFigures {
-    let ioac = layout!(task_ioac);
-    TaskFigures {
-        run_delay: field(task, layout!(task_run_delay)),
-        pcount: field(task, layout!(task_pcount)),
-        rchar: field(task, ioac + layout!(ioac_rchar)),
-        wchar: field(task, ioac + layout!(ioac_wchar)),
-        read_bytes: field(task, ioac + layout!(ioac_read_bytes)),
-        write_bytes: field(task, ioac + layout!(ioac_write_bytes)),
-    }
 }
 
 /// The address of `task`'s `css_set`: it changes when the task moves to another cgroup.

@@ -1,17 +1,16 @@
 //! `sched_process_fork`, `sched_process_exec`, `sched_process_exit`: a worker's processes
 //! starting, running a new program and ending. Each is counted in the worker's counters
 //! (exact) and sent to the loader as a `TaskEvent` (lossy when the ring buffer is full, and
-//! then counted). `cgroup_attach_task`: a task that moves itself into a worker (as a
-//! spawned worker does before exec) counts from that moment.
+//! then counted).
 use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use monitor_common::{CurrentTask, TaskEvent, TaskEventKind, TaskFigures};
+use monitor_common::{TaskEvent, TaskEventKind};
 
 use crate::{
-    kernel::{arg, field, layout, task_css_set, task_figures, task_tid, worker_cached, worker_of},
+    kernel::{arg, field, layout, task_tid, worker_cached},
     maps::{counters, current, emit, slice},
 };
 
@@ -85,21 +84,5 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
         c.processes_exited += 1;
     }
     emit(event(worker, TaskEventKind::Exit, task_tgid(task), 0));
-    0
-}
-
-#[btf_tracepoint(function = "cgroup_attach_task")]
-pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
-    let Some(slice) = slice() else { return 0 };
-    let Some(cur) = current() else { return 0 };
-    let task = arg::<4>(&ctx, layout!(attach_task));
-    // Only the task on this CPU: another CPU's slot belongs to that CPU (it is caught up at
-    // its next charge instead).
-    if cur.task != task {
-        return 0;
-    }
-    let worker = worker_of(task, slice).unwrap_or(0);
-    let seen = if worker != 0 { task_figures(task) } else { TaskFigures::default() };
-    *cur = CurrentTask { task, css_set: task_css_set(task), worker, seen };
     0
 }

@@ -1,16 +1,18 @@
-//! hive-monitor's kernel probes: one module per kernel event (context switch, CPU charge,
-//! process fork/exec/exit), all attached as `tp_btf` tracepoints (fentry/kprobes are not
-//! available on the target kernels, see SPEC §3). Only tasks inside the watched slice are
-//! counted, per worker cgroup, in per-CPU maps. Run-queue wait and I/O are the kernel's own
-//! per-task figures, added to the worker as they grow while the task is on a CPU.
+//! hive-monitor's kernel probes: one module per kernel event (scheduler, system call, block
+//! and page-cache I/O), all attached as `tp_btf` tracepoints (fentry/kprobes are not
+//! available on the target kernels, see SPEC §3).
+//! Only tasks inside the watched slice are counted, per worker cgroup, in per-CPU maps.
 #![no_std]
 #![no_main]
 
+mod block_bio_queue;
 mod kernel;
 mod lifecycle;
 mod maps;
 mod sched_stat_runtime;
 mod sched_switch;
+mod sys_exit;
+mod writeback_dirty_folio;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -2,21 +2,18 @@
 //! deltas it adds to the cgroup's `cpu.stat`. The task charged is the one the event names,
 //! which is not always this CPU's current task: another CPU may charge it while holding its
 //! run-queue lock. Charges land in the slot of the task's own CPU, next to the start of its
-//! uncharged time, so the two always agree. A task of this CPU also adds here what its
-//! run-queue wait and I/O grew since it came on, so a long run does not hide them until it
-//! leaves.
+//! uncharged time, so the two always agree. A task of this CPU also has the run-queue wait
+//! it got the CPU after added here, so a long run does not hide it until the task leaves.
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
-use monitor_common::CurrentTask;
-
 use crate::{
-    kernel::{arg, layout, task_cpu, task_css_set, task_figures, worker_cached},
+    kernel::{arg, layout, task_cpu, worker_cached},
     maps::{counters, counters_on_cpu, current, slice},
-    sched_switch::add_growth,
+    sched_switch::add_wait,
 };
 
 #[btf_tracepoint(function = "sched_stat_runtime")]
@@ -42,13 +39,8 @@ pub fn sched_stat_runtime(ctx: BtfTracePointContext) -> i32 {
         }
     };
     if let Some(c) = slot {
-        if let Some(cur) = cache.as_deref_mut().filter(|_| local) {
-            if cur.worker == worker {
-                add_growth(c, &task_figures(task), &mut cur.seen);
-            } else {
-                // It joined this worker while on the CPU: count from now, not its past.
-                *cur = CurrentTask { task, css_set: task_css_set(task), worker, seen: task_figures(task) };
-            }
+        if let Some(seen) = cache.as_deref_mut().filter(|_| local) {
+            add_wait(c, task, seen);
         }
         c.cpu_ns += delta;
         // Everything up to now is charged: the uncharged time restarts here.

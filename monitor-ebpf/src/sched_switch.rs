@@ -1,14 +1,14 @@
-//! `sched_switch`: context-switch counts, which worker (if any) now runs here, and what the
-//! worker's tasks did while on this CPU. Run-queue wait and I/O are the kernel's own per-task
-//! figures (`sched_info`, `ioac`: `/proc/<pid>/schedstat` and `/proc/<pid>/io`); a task
-//! adds their growth to its worker when it leaves the CPU (and at each CPU charge while it
-//! stays, see `sched_stat_runtime`), measured from when it came on. Nothing is kept per task
-//! beyond the task now on each CPU.
+//! `sched_switch`: context-switch counts, which worker (if any) now runs here, and the
+//! run-queue wait of the task switched in. That wait is the kernel's own: just after this
+//! event `sched_info_arrive()` adds `rq_clock - sched_info.last_queued` to the task's
+//! `run_delay` (`/proc/<pid>/schedstat`), and the same difference is taken here, from the
+//! same clock, so no time is read and nothing is kept per task. Growth of `run_delay` this
+//! did not see (a task that joined a worker while waiting) is added when the task leaves.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
-use monitor_common::{CurrentTask, TaskFigures, WorkerCounters};
+use monitor_common::{CurrentTask, WorkerCounters};
 
 use crate::{
-    kernel::{arg, field, layout, pointer, task_css_set, task_figures, worker_cached, worker_of},
+    kernel::{arg, field, layout, pointer, task_css_set, worker_cached, worker_of},
     maps::{counters, current, slice},
 };
 
@@ -35,17 +35,19 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
             } else {
                 c.involuntary_switches += 1;
             }
-            if current.task == prev && current.worker == prev_worker {
-                add_growth(c, &task_figures(prev), &mut current.seen);
+            if current.task == prev {
+                add_wait(c, prev, current);
             }
             prev_counters = Some(c);
         }
     }
 
+    // Recorded for every task: one that joins a worker while running must add only the
+    // waits after this, not its whole past.
+    let mut run_delay: u64 = field(next, layout!(task_run_delay));
+    let mut pcount: u64 = field(next, layout!(task_pcount));
     let next_worker = worker_of(next, slice).unwrap_or(0);
-    let mut seen = TaskFigures::default();
     if next_worker != 0 {
-        seen = task_figures(next);
         // Ping-pong within one worker, the common case, needs one lookup, not two.
         let c = match prev_counters {
             Some(c) if next_worker == prev_worker => Some(c),
@@ -53,19 +55,19 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         };
         if let Some(c) = c {
             c.running_since_ns = unsafe { bpf_ktime_get_ns() };
-            // The wait the kernel adds to `run_delay` just after this event
-            // (`sched_info_arrive()`): its run-queue clock now minus when the task was queued.
             if let Some(clock) = rq_clock(next) {
                 let queued: u64 = field(next, layout!(task_last_queued));
                 let wait = if queued != 0 { clock.saturating_sub(queued) } else { 0 };
                 c.runq_wait_ns += wait;
                 c.runq_waits += 1;
-                seen.run_delay += wait;
-                seen.pcount += 1;
+                // What the kernel's figures will be once it has added this wait.
+                run_delay += wait;
+                pcount += 1;
             }
         }
     }
-    *current = CurrentTask { task: next, css_set: task_css_set(next), worker: next_worker, seen };
+    *current =
+        CurrentTask { task: next, css_set: task_css_set(next), worker: next_worker, run_delay, pcount };
     0
 }
 
@@ -77,14 +79,14 @@ fn rq_clock(task: u64) -> Option<u64> {
     Some(field(rq, layout!(rq_clock)))
 }
 
-/// Adds to `c` how far a task's figures grew from `seen` to `now`, and records `now`.
+/// Adds to `c` the run-queue wait `task` accrued since `seen` recorded it, and records the
+/// new figures.
 #[inline(always)]
-pub fn add_growth(c: &mut WorkerCounters, now: &TaskFigures, seen: &mut TaskFigures) {
-    c.runq_wait_ns += now.run_delay.saturating_sub(seen.run_delay);
-    c.runq_waits += now.pcount.saturating_sub(seen.pcount);
-    c.syscall_read_bytes += now.rchar.saturating_sub(seen.rchar);
-    c.syscall_write_bytes += now.wchar.saturating_sub(seen.wchar);
-    c.storage_read_bytes += now.read_bytes.saturating_sub(seen.read_bytes);
-    c.storage_write_bytes += now.write_bytes.saturating_sub(seen.write_bytes);
-    *seen = *now;
+pub fn add_wait(c: &mut WorkerCounters, task: u64, seen: &mut CurrentTask) {
+    let run_delay: u64 = field(task, layout!(task_run_delay));
+    let pcount: u64 = field(task, layout!(task_pcount));
+    c.runq_wait_ns += run_delay.saturating_sub(seen.run_delay);
+    c.runq_waits += pcount.saturating_sub(seen.pcount);
+    seen.run_delay = run_delay;
+    seen.pcount = pcount;
 }

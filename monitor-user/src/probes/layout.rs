@@ -7,13 +7,21 @@ use crate::error::{Error, Result};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Where `pt_regs` keeps the system call number.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_NR_FIELD: &str = "orig_ax";
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_NR_FIELD: &str = "syscallno";
+
 pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
     let switch = TracepointArgs::resolve(btf, "sched_switch")?;
     let runtime = TracepointArgs::resolve(btf, "sched_stat_runtime")?;
+    let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
+    let bio_queue = TracepointArgs::resolve(btf, "block_bio_queue")?;
+    let dirty = TracepointArgs::resolve(btf, "writeback_dirty_folio")?;
     let fork = TracepointArgs::resolve(btf, "sched_process_fork")?;
     let exec = TracepointArgs::resolve(btf, "sched_process_exec")?;
     let exit = TracepointArgs::resolve(btf, "sched_process_exit")?;
-    let attach = TracepointArgs::resolve(btf, "cgroup_attach_task")?;
     let task_cpu = offset(btf, "task_struct", &["thread_info", "cpu"])
         .or_else(|_| offset(btf, "task_struct", &["cpu"]))?;
     Ok(KernelLayout {
@@ -43,15 +51,47 @@ pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
         fork_child: fork.nth(task_ptr(), 1)?,
         exec_task: exec.nth(task_ptr(), 0)?,
         exit_task: exit.nth(task_ptr(), 0)?,
-        attach_task: attach.nth(task_ptr(), 0)?,
         exit_group_dead: exit.nth(ArgKind::Bool, 0).unwrap_or(u32::MAX),
-        task_ioac: offset(btf, "task_struct", &["ioac"])?,
-        ioac_rchar: offset(btf, "task_io_accounting", &["rchar"])?,
-        ioac_wchar: offset(btf, "task_io_accounting", &["wchar"])?,
-        ioac_read_bytes: offset(btf, "task_io_accounting", &["read_bytes"])?,
-        ioac_write_bytes: offset(btf, "task_io_accounting", &["write_bytes"])?,
+        sys_exit_regs: sys_exit.nth(ArgKind::StructPtr("pt_regs".into()), 0)?,
+        sys_exit_ret: sys_exit.nth(ArgKind::Int(8), 0)?,
+        pt_regs_syscall_nr: offset(btf, "pt_regs", &[SYSCALL_NR_FIELD])?,
+        bio_queue_bio: bio_queue.nth(ArgKind::StructPtr("bio".into()), 0)?,
+        bio_opf: offset(btf, "bio", &["bi_opf"])?,
+        bio_size: offset(btf, "bio", &["bi_iter", "bi_size"])?,
+        bio_vcnt: offset(btf, "bio", &["bi_vcnt"])?,
+        bio_io_vec: offset(btf, "bio", &["bi_io_vec"])?,
+        bio_vec_page: offset(btf, "bio_vec", &["bv_page"])?,
+        task_bio_list: offset(btf, "task_struct", &["bio_list"])?,
+        page_flags: offset(btf, "page", &["flags"])?,
+        page_compound_head: offset(btf, "page", &["compound_head"])?,
+        pg_writeback: enum_value(btf, "pageflags", "PG_writeback")?,
+        pg_head: enum_value(btf, "pageflags", "PG_head")?,
+        folio_nr_pages: offset(btf, "folio", &["_nr_pages"])?,
+        dirty_folio: dirty.nth(ArgKind::StructPtr("folio".into()), 0)?,
+        dirty_mapping: dirty.nth(ArgKind::StructPtr("address_space".into()), 0)?,
+        mapping_host: offset(btf, "address_space", &["host"])?,
+        inode_sb: offset(btf, "inode", &["i_sb"])?,
+        sb_bdi: offset(btf, "super_block", &["s_bdi"])?,
+        sb_magic: offset(btf, "super_block", &["s_magic"])?,
+        bdi_capabilities: offset(btf, "backing_dev_info", &["capabilities"])?,
+        // SAFETY: sysconf has no preconditions.
+        page_size: u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| Error::Btf("no page size from sysconf".into()))?,
         slice_level,
     })
+}
+
+/// The value of enumerator `member` of `enum name`.
+fn enum_value(btf: &Btf, name: &str, member: &str) -> Result<u32> {
+    let types = btf.resolve_types_by_name(name).map_err(|e| btf_err(format!("enum {name}"), e))?;
+    types
+        .iter()
+        .find_map(|t| match t {
+            Type::Enum(e) => e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member)),
+            _ => None,
+        })
+        .map(|m| m.val())
+        .ok_or_else(|| Error::Btf(format!("enum {name} has no {member}")))
 }
 
 fn btf_err(what: impl std::fmt::Display, e: btf_rs::Error) -> Error {

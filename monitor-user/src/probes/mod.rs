@@ -8,7 +8,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{ProbeStats, SliceFilter, TaskEvent, WorkerCounters, MAX_WORKERS};
+use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, MAX_WORKERS};
 
 use crate::error::{Error, Result};
 
@@ -16,14 +16,30 @@ use crate::error::{Error, Result};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 /// The programs, each attached (`tp_btf`) to the tracepoint of its name.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 8] = [
     "sched_stat_runtime",
     "sched_switch",
+    "sys_exit",
+    "block_bio_queue",
+    "writeback_dirty_folio",
     "sched_process_fork",
     "sched_process_exec",
     "sched_process_exit",
-    "cgroup_attach_task",
 ];
+
+/// This architecture's read-type, write-type and both-ways system calls (rchar/wchar).
+#[cfg(target_arch = "x86_64")]
+const IO_SYSCALLS: IoSyscalls = IoSyscalls {
+    // read, pread64, readv, preadv, preadv2
+    read: [0, 17, 19, 295, 327],
+    // write, pwrite64, writev, pwritev, pwritev2
+    write: [1, 18, 20, 296, 328],
+    // sendfile, copy_file_range
+    both: [40, 326],
+};
+#[cfg(target_arch = "aarch64")]
+const IO_SYSCALLS: IoSyscalls =
+    IoSyscalls { read: [63, 67, 65, 69, 286], write: [64, 68, 66, 70, 287], both: [71, 285] };
 
 /// How many entries the kernel maps hold; what does not fit is counted in `ProbeStats`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +115,7 @@ impl Probes {
 
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
+            .override_global("IO_SYSCALLS", &IO_SYSCALLS, true)
             .map_max_entries("WORKERS", sizes.workers)
             .load(OBJECT)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
