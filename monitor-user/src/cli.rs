@@ -453,7 +453,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
     // SIGTERM or SIGINT: one last heartbeat saying "stopping", then exit 0 (the probes are
     // detached when they are dropped). SIGHUP: read the config file again.
     let signals = Signals::install()?;
-    let mut identity = identity(settings.hive_id.clone());
+    let mut hive = identity(settings.hive_id.clone());
     while args.count.is_none_or(|n| sent < n) {
         // Fixed deadlines, so the cadence does not drift; a missed one is skipped, not bunched.
         let stopping = loop {
@@ -475,12 +475,12 @@ fn run(args: RunArgs) -> Result<(), Error> {
                 Woken::Hangup => {
                     reload(&args, &mut config, &mut settings, &mut sampler, &mut sink);
                     interval_ns = settings.interval.as_nanos() as u64;
-                    identity = self::identity(settings.hive_id.clone());
+                    hive = identity(settings.hive_id.clone());
                 }
             }
         };
         let sample = sampler.sample()?;
-        let mut heartbeat = Heartbeat::new(&sample, &identity, (sample.at_ns - started) / 1_000_000_000);
+        let mut heartbeat = Heartbeat::new(&sample, &hive, (sample.at_ns - started) / 1_000_000_000);
         if stopping {
             heartbeat.hive.operational_status = "stopping".into();
         }

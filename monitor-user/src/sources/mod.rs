@@ -30,14 +30,19 @@ const FD_RESERVE: usize = 256;
 /// Files kept open by all `KeptFiles` of the process.
 static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Read once: the daemon raises its limit before the first sample, and asking the kernel
+/// on every read of a file not kept would add a system call to the per-sample path.
 fn kept_limit() -> usize {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: a valid pointer to a rlimit.
-    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
-        _ => 1024,
-    };
-    soft.saturating_sub(FD_RESERVE)
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: a valid pointer to a rlimit.
+        let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+            0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
+            _ => 1024,
+        };
+        soft.saturating_sub(FD_RESERVE)
+    })
 }
 
 impl KeptFiles {
