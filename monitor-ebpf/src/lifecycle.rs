@@ -1,88 +1,99 @@
-//! `sched_process_fork`, `sched_process_exec`, `sched_process_exit`: a worker's processes
-//! starting, running a new program and ending. Each is counted in the worker's counters
-//! (exact) and sent to the loader as a `TaskEvent` (lossy when the ring buffer is full, and
-//! then counted).
-use aya_ebpf::{
-    helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
-use monitor_common::{TaskEvent, TaskEventKind};
+//! `sched_process_fork`, `sched_process_exec`, `sched_process_exit`, `sched_process_free`:
+//! a worker's tasks starting, running a new program, and ending. They fire once per task
+//! lifetime, not per switch. Process counts are kept in `WORKERS` (exact); every event goes
+//! to the loader as a `TaskEvent`. An exiting task's counters travel in two events: as of its
+//! exit, while it still runs, and final once it is freed after its last switch; the task
+//! iterator no longer sees it once it is reaped, in between.
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use monitor_common::{TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS, MISSING};
 
 use crate::{
-    kernel::{arg, field, layout, task_tid, worker_cached},
-    maps::{counters, current, emit, slice},
+    kernel::{layout, monotonic_ns, sched_now, KernelPtr, Task},
+    maps::{clock_offset, emit, process_counts, slice},
 };
 
+/// Tracepoint argument `n` (a position from `LAYOUT`) of a tracepoint with `N` arguments.
+/// The verifier allows only constant-offset context loads, each within the prototype's
+/// arguments, so all `N` are loaded at fixed offsets and `n` picks among the values; an
+/// indexed load, which the compiler makes of a plain `match`, is refused.
 #[inline(always)]
-fn task_tgid(task: u64) -> u32 {
-    field::<i32>(task, layout!(task_tgid)) as u32
+fn arg<const N: usize>(ctx: &BtfTracePointContext, n: u32) -> u64 {
+    let mut args = [0u64; N];
+    let mut i = 0;
+    while i < N {
+        args[i] = ctx.arg(i);
+        i += 1;
+    }
+    if (n as usize) < N { args[n as usize] } else { 0 }
 }
 
-/// The worker of the current task, 0 when none.
+/// Tracepoint argument `n`, a task.
 #[inline(always)]
-fn current_worker() -> u64 {
-    let Some(slice) = slice() else { return 0 };
-    let task = unsafe { bpf_get_current_task_btf() } as u64;
-    worker_cached(current().as_deref(), task, slice)
+fn task_arg<const N: usize>(ctx: &BtfTracePointContext, n: u32) -> Option<Task> {
+    // SAFETY: the loader resolved `n` as a `struct task_struct *` argument from BTF.
+    unsafe { KernelPtr::new(arg::<N>(ctx, n)) }.map(Task)
 }
 
 #[inline(always)]
-fn event(worker: u64, kind: TaskEventKind, pid: u32, parent: u32) -> TaskEvent {
-    TaskEvent { worker, at_ns: unsafe { bpf_ktime_get_ns() }, kind: kind as u32, pid, parent, _pad: 0 }
+fn event(kind: TaskEventKind, flags: u32, parent: u32, task: TaskRecord) -> TaskEvent {
+    TaskEvent { kind: kind as u32, flags, parent, _pad: 0, at_ns: monotonic_ns(), task }
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
-    let child = arg::<2>(&ctx, layout!(fork_child));
+    let Some(slice) = slice() else { return 0 };
+    let Some(child) = task_arg::<2>(&ctx, layout!(fork_child)) else { return 0 };
     // A new thread of the same process is not a new process.
-    if task_tid(child) != task_tgid(child) {
+    if child.tid() != child.tgid() {
         return 0;
     }
-    // The parent is `current` and the child is still in its cgroups.
-    let worker = current_worker();
-    if worker == 0 {
-        return 0;
+    // The child is still in its parent's cgroups.
+    let Some(worker) = child.worker(slice) else { return 0 };
+    let parent = task_arg::<2>(&ctx, layout!(fork_parent)).map_or(0, |p| p.tgid());
+    if let Some(c) = process_counts(&ctx, worker) {
+        c.forked += 1;
     }
-    let parent = arg::<2>(&ctx, layout!(fork_parent));
-    if let Some(c) = counters(&ctx, worker) {
-        c.processes_forked += 1;
-    }
-    emit(event(worker, TaskEventKind::Fork, task_tgid(child), task_tgid(parent)));
+    emit(&event(TaskEventKind::Fork, 0, parent, child.record(worker, None)));
     0
 }
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
-    let worker = current_worker();
-    if worker == 0 {
-        return 0;
-    }
-    let task = arg::<3>(&ctx, layout!(exec_task));
-    if let Some(c) = counters(&ctx, worker) {
+    let Some(slice) = slice() else { return 0 };
+    let Some(task) = task_arg::<3>(&ctx, layout!(exec_task)) else { return 0 };
+    let Some(worker) = task.worker(slice) else { return 0 };
+    if let Some(c) = process_counts(&ctx, worker) {
         c.execs += 1;
     }
-    emit(event(worker, TaskEventKind::Exec, task_tgid(task), 0));
+    emit(&event(TaskEventKind::Exec, 0, 0, task.record(worker, None)));
     0
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
-    let task = arg::<2>(&ctx, layout!(exit_task));
-    let tid = task_tid(task);
-    let worker = current_worker();
-    if worker == 0 {
-        return 0;
-    }
+    let Some(slice) = slice() else { return 0 };
+    let Some(task) = task_arg::<2>(&ctx, layout!(exit_task)) else { return 0 };
+    let Some(worker) = task.worker(slice) else { return 0 };
     let position = layout!(exit_group_dead);
     let process_ends =
-        if position == u32::MAX { tid == task_tgid(task) } else { arg::<2>(&ctx, position) & 0xff != 0 };
-    if !process_ends {
-        return 0;
+        if position == MISSING { task.tid() == task.tgid() } else { arg::<2>(&ctx, position) & 0xff != 0 };
+    if process_ends {
+        if let Some(c) = process_counts(&ctx, worker) {
+            c.exited += 1;
+        }
     }
-    if let Some(c) = counters(&ctx, worker) {
-        c.processes_exited += 1;
-    }
-    emit(event(worker, TaskEventKind::Exit, task_tgid(task), 0));
+    // The task is running here: with the clock offset its uncharged time is known too.
+    let record = task.record(worker, clock_offset().map(sched_now));
+    emit(&event(TaskEventKind::Exit, if process_ends { EXIT_PROCESS } else { 0 }, 0, record));
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_free")]
+pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
+    let Some(slice) = slice() else { return 0 };
+    let Some(task) = task_arg::<1>(&ctx, layout!(free_task)) else { return 0 };
+    // A freed task keeps its cgroups until the very end, and never runs again.
+    let Some(worker) = task.worker(slice) else { return 0 };
+    emit(&event(TaskEventKind::Free, 0, 0, task.record(worker, None)));
     0
 }

@@ -1,18 +1,16 @@
-//! hive-monitor's kernel probes: one module per kernel event (scheduler, system call, block
-//! and page-cache I/O), all attached as `tp_btf` tracepoints (fentry/kprobes are not
-//! available on the target kernels, see SPEC §3).
-//! Only tasks inside the watched slice are counted, per worker cgroup, in per-CPU maps.
+//! hive-monitor's kernel probes. Nothing runs per context switch, system call or I/O: the
+//! kernel already keeps every figure per task (CPU time, run-queue wait, switches, I/O
+//! bytes), so once per interval the loader runs `task_counters`, a task iterator that copies
+//! those counters for the slice's tasks, and per task lifetime the lifecycle probes keep
+//! what an exiting task takes with it. The lifecycle probes are `tp_btf` tracepoints
+//! (fentry and kprobes are not available on every target kernel).
 #![no_std]
 #![no_main]
 
-mod block_bio_queue;
 mod kernel;
 mod lifecycle;
 mod maps;
-mod sched_stat_runtime;
-mod sched_switch;
-mod sys_exit;
-mod writeback_dirty_folio;
+mod task_counters;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -434,6 +434,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         map_sizes: MapSizes {
             workers: args.max_workers.or(config.max_workers).unwrap_or(MapSizes::default().workers),
         },
+        withhold: crate::probes::withheld_from_env(),
     };
 
     let mut sampler = Sampler::with_options(slice, options)?;

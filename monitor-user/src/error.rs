@@ -25,6 +25,12 @@ pub enum Error {
         source: aya::programs::ProgramError,
     },
 
+    #[error("no eBPF program could be attached: {0}")]
+    NoProgram(String),
+
+    #[error("reading the task iterator: {0}")]
+    Iterator(String),
+
     #[error("eBPF map `{map}`: {source}")]
     Map {
         map: &'static str,

@@ -3,8 +3,11 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
+pub use crate::sampler::Source;
 use crate::{
-    sampler::{CounterSource, Prewarm, Sample, WorkerSample},
+    sampler::{FigureSources, Prewarm, Sample, WorkerSample},
     sources::memory::{MemoryReading, Origin},
     sources::nvml::DeviceReading,
 };
@@ -205,17 +208,6 @@ impl From<&MemoryReading> for WorkerMemory {
     }
 }
 
-/// Where each figure came from.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    Ebpf,
-    Procfs,
-    Cgroup,
-    Nvml,
-    Unavailable,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Collector {
     pub cpu: Source,
@@ -231,7 +223,30 @@ pub struct Collector {
     pub gpu: Source,
     pub model: Source,
     pub host: Source,
+    /// Process counts (`processes_forked_total`, `execs_total`, `processes_exited_total`).
+    pub processes: Source,
+    /// Figures left out (`null`) on this host, by the name above, with the reason, e.g.
+    /// `"io_write": "unavailable: no task_struct.ioac.write_bytes (…)"`. Empty when every
+    /// figure is measured.
+    pub missing: BTreeMap<String, String>,
+    /// Each eBPF program: `attached`, or `unavailable: <why>`. Empty without BPF.
+    pub programs: BTreeMap<String, String>,
     pub probes: ProbeHealth,
+    /// What the monitor itself cost over the interval.
+    #[serde(rename = "self")]
+    pub self_cost: SelfCost,
+}
+
+/// The daemon's own cost over the interval.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct SelfCost {
+    /// CPU seconds the daemon used, user and system.
+    pub cpu_s: f64,
+    /// Of those, seconds in the kernel reading the task iterator: the probes' cost per
+    /// interval, which does not grow with how busy the host is.
+    pub kernel_s: f64,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
 }
 
 /// Events the probes could not account, cumulative since start; non-zero means some
@@ -241,7 +256,8 @@ pub struct ProbeHealth {
     pub workers_map_full: u64,
     pub read_errors: u64,
     pub nested_too_deep: u64,
-    /// Lifecycle events the ring buffer had no room for (the process counts stay exact).
+    /// Task events the ring buffer had no room for (the process counts stay exact; the
+    /// counters an exiting task carried are lost).
     pub events_lost: u64,
 }
 
@@ -255,10 +271,7 @@ pub struct HiveIdentity {
 
 impl Heartbeat {
     pub fn new(sample: &Sample, identity: &HiveIdentity, uptime_seconds: u64) -> Self {
-        let (sched, io) = match sample.counters {
-            CounterSource::Ebpf => (Source::Ebpf, Source::Ebpf),
-            CounterSource::Cgroup => (Source::Unavailable, Source::Procfs),
-        };
+        let s = &sample.sources;
         Heartbeat {
             schema_version: SCHEMA_VERSION,
             seq: sample.seq,
@@ -285,22 +298,35 @@ impl Heartbeat {
                 }),
             },
             timestamp: humantime::format_rfc3339_seconds(sample.wall).to_string(),
-            workers: sample.workers.iter().map(|w| Worker::new(w, sample.counters)).collect(),
+            workers: sample.workers.iter().map(|w| Worker::new(w, &sample.sources)).collect(),
             prewarm: sample.prewarm.iter().map(PrewarmSignal::from).collect(),
             collector: Collector {
-                cpu: match sample.counters {
-                    CounterSource::Ebpf => Source::Ebpf,
-                    CounterSource::Cgroup => Source::Cgroup,
-                },
-                runq: sched,
-                ctx_switches: sched,
+                cpu: s.cpu,
+                runq: s.runq,
+                ctx_switches: s.ctx_switches,
                 memory: Source::Cgroup,
-                io_read: io,
-                io_write: io,
-                io_syscall: io,
+                io_read: s.io_read,
+                io_write: s.io_write,
+                io_syscall: s.io_syscall,
                 gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
                 model: Source::Procfs,
                 host: Source::Procfs,
+                processes: [s.processes_forked, s.execs, s.processes_exited]
+                    .into_iter()
+                    .find(|s| *s != Source::Ebpf)
+                    .unwrap_or(Source::Ebpf),
+                missing: sample
+                    .missing
+                    .iter()
+                    .filter(|(f, _)| is_null(s, f))
+                    .map(|(f, why)| (f.to_string(), why.clone()))
+                    .collect(),
+                programs: sample.programs.iter().map(|(p, st)| (p.to_string(), st.clone())).collect(),
+                self_cost: SelfCost {
+                    cpu_s: round(sample.self_cost.cpu_s, 6),
+                    kernel_s: round(sample.self_cost.kernel_s, 6),
+                    rss_bytes: sample.self_cost.rss_bytes,
+                },
                 probes: ProbeHealth {
                     workers_map_full: sample.probe_stats.workers_full,
                     read_errors: sample.probe_stats.read_errors,
@@ -312,14 +338,28 @@ impl Heartbeat {
     }
 }
 
+/// Whether the figure the probes do not measure here has no fallback either.
+fn is_null(s: &FigureSources, figure: &str) -> bool {
+    let source = match figure {
+        "cpu" => s.cpu,
+        "io_syscall" => s.io_syscall,
+        "io_read" => s.io_read,
+        "io_write" => s.io_write,
+        _ => Source::Unavailable,
+    };
+    source == Source::Unavailable
+}
+
 impl Worker {
-    fn new(w: &WorkerSample, counters: CounterSource) -> Self {
-        // Figures only the probes measure: absent without them.
-        let probed = counters == CounterSource::Ebpf;
-        let sched = |v: u64| probed.then_some(v);
-        // I/O also has a fallback (`/proc/<pid>/io`), which may fail for a worker.
-        let io = |v: u64| w.io_known.then_some(v);
-        let mb_s = |v: Option<f64>| v.filter(|_| w.io_known).map(|v| round(v / 1e6, 3));
+    fn new(w: &WorkerSample, s: &FigureSources) -> Self {
+        let known = |source: Source| source != Source::Unavailable;
+        let figure = |source: Source, v: u64| known(source).then_some(v);
+        // I/O may come from a fallback (`/proc/<pid>/io`), which may fail for a worker.
+        let io = |source: Source, v: u64| (known(source) && w.io_known).then_some(v);
+        let mb_s = |source: Source, v: Option<f64>| {
+            v.filter(|_| known(source) && w.io_known).map(|v| round(v / 1e6, 3))
+        };
+        let processes = |source: Source, v: u64| (known(source) && w.processes_known).then_some(v);
         Worker {
             pid: w.pid,
             group: w.cgroup.group.clone(),
@@ -330,26 +370,26 @@ impl Worker {
             vram_mb: w.gpu.as_ref().map(|g| (g.vram_bytes as f64 / MIB).round() as u64),
             model: w.model.clone(),
             uptime_s: w.uptime_s,
-            io_r_mb_s: mb_s(w.storage_read_bytes_s),
-            io_w_mb_s: mb_s(w.storage_write_bytes_s),
+            io_r_mb_s: mb_s(s.io_read, w.storage_read_bytes_s),
+            io_w_mb_s: mb_s(s.io_write, w.storage_write_bytes_s),
             cgroup: w.cgroup.path.clone(),
             cgroup_id: w.cgroup.id,
             processes: w.processes,
             cpu_ns_total: w.counters.cpu_ns,
-            runq_wait_pct: w.runq_wait_pct.filter(|_| probed).map(|v| round(v, 2)),
-            runq_wait_ns_total: sched(w.counters.runq_wait_ns),
-            runq_waits_total: sched(w.counters.runq_waits),
-            ctx_switches_voluntary_total: sched(w.counters.voluntary_switches),
-            ctx_switches_involuntary_total: sched(w.counters.involuntary_switches),
-            io_syscall_r_mb_s: mb_s(w.syscall_read_bytes_s),
-            io_syscall_w_mb_s: mb_s(w.syscall_write_bytes_s),
-            io_syscall_read_bytes_total: io(w.counters.syscall_read_bytes),
-            io_syscall_write_bytes_total: io(w.counters.syscall_write_bytes),
-            io_read_bytes_total: io(w.counters.storage_read_bytes),
-            io_write_bytes_total: io(w.counters.storage_write_bytes),
-            processes_forked_total: sched(w.counters.processes_forked),
-            execs_total: sched(w.counters.execs),
-            processes_exited_total: sched(w.counters.processes_exited),
+            runq_wait_pct: w.runq_wait_pct.filter(|_| known(s.runq)).map(|v| round(v, 2)),
+            runq_wait_ns_total: figure(s.runq, w.counters.runq_wait_ns),
+            runq_waits_total: figure(s.runq, w.counters.runq_waits),
+            ctx_switches_voluntary_total: figure(s.ctx_switches, w.counters.voluntary_switches),
+            ctx_switches_involuntary_total: figure(s.ctx_switches, w.counters.involuntary_switches),
+            io_syscall_r_mb_s: mb_s(s.io_syscall, w.syscall_read_bytes_s),
+            io_syscall_w_mb_s: mb_s(s.io_syscall, w.syscall_write_bytes_s),
+            io_syscall_read_bytes_total: io(s.io_syscall, w.counters.syscall_read_bytes),
+            io_syscall_write_bytes_total: io(s.io_syscall, w.counters.syscall_write_bytes),
+            io_read_bytes_total: io(s.io_read, w.counters.storage_read_bytes),
+            io_write_bytes_total: io(s.io_write, w.counters.storage_write_bytes),
+            processes_forked_total: processes(s.processes_forked, w.counters.processes_forked),
+            execs_total: processes(s.execs, w.counters.execs),
+            processes_exited_total: processes(s.processes_exited, w.counters.processes_exited),
             memory: w.memory.as_ref().map(WorkerMemory::from),
             gpus: w.gpu.as_ref().map(|g| {
                 g.devices

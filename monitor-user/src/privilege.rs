@@ -4,7 +4,9 @@
 //! users' processes: `/proc/<pid>/io` (the no-BPF fallback) needs CAP_SYS_PTRACE, and
 //! walking their `/proc` and cgroup directories CAP_DAC_READ_SEARCH. Everything else is
 //! dropped from the effective, permitted, inheritable, ambient and bounding sets, and no
-//! execve can give any of it back (`no_new_privs`).
+//! execve can give any of it back (`no_new_privs`). One exception: before Linux 6.5, with
+//! unprivileged BPF disabled (Debian's default), every `bpf()` call needs CAP_BPF, even a map
+//! lookup or reading an iterator; there CAP_BPF is kept too.
 use caps::{CapSet, Capability, CapsHashSet};
 
 use crate::error::{Error, Result};
@@ -14,7 +16,10 @@ pub const KEPT: [Capability; 2] = [Capability::CAP_SYS_PTRACE, Capability::CAP_D
 
 pub fn drop_unneeded() -> Result<()> {
     let err = |what: &str, e: caps::errors::CapsError| Error::Privilege(format!("{what}: {e}"));
-    let keep: CapsHashSet = KEPT.into_iter().collect();
+    let mut keep: CapsHashSet = KEPT.into_iter().collect();
+    if every_bpf_call_needs_cap_bpf() {
+        keep.insert(Capability::CAP_BPF);
+    }
     // The bounding set first: dropping from it takes CAP_SETPCAP, itself about to go.
     let bounding = caps::read(None, CapSet::Bounding).map_err(|e| err("reading the bounding set", e))?;
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
@@ -43,4 +48,20 @@ pub fn drop_unneeded() -> Result<()> {
         if left.is_empty() { "none".into() } else { left.join(", ") }
     );
     Ok(())
+}
+
+/// Whether this kernel refuses any `bpf()` call without CAP_BPF: before 6.5 the check of
+/// `kernel.unprivileged_bpf_disabled` guarded the whole system call.
+fn every_bpf_call_needs_cap_bpf() -> bool {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+        .map(|v| v.trim() != "0")
+        .unwrap_or(true);
+    disabled && kernel_version().is_none_or(|v| v < (6, 5))
+}
+
+/// The running kernel's (major, minor) version.
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }

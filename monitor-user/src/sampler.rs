@@ -1,15 +1,20 @@
 //! The one place that merges readings and turns counters into rates: it keeps the previous
 //! kernel reading and diffs it against the next.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::SystemTime,
 };
 
-use monitor_common::{ProbeStats, SliceFilter, TaskEvent, TaskEventKind, WorkerCounters};
+use monitor_common::{ProbeStats, SliceFilter, TaskEvent, TaskEventKind};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     error::Result,
-    probes::{KernelReading, MapSizes, Probes, WorkerReading},
+    probes::{
+        Availability, Figure, KernelReading, MapSizes, ProbeOptions, ProgramStatus, Probes, WorkerCounters,
+        WorkerReading,
+    },
     sources::{
         cgroup::{self, Slice, WorkerCgroup},
         memory::{MemoryReading, MemorySource},
@@ -44,9 +49,12 @@ pub struct WorkerSample {
     /// devices, and pages dirtied plus direct writes.
     pub storage_read_bytes_s: Option<f64>,
     pub storage_write_bytes_s: Option<f64>,
-    /// Whether the I/O counters are known: always with the probes; without them, when every
-    /// process's `/proc/<pid>/io` could be read.
+    /// Whether the I/O counters are known: always with the probes; from the fallback, when
+    /// every process's `/proc/<pid>/io` could be read.
     pub io_known: bool,
+    /// Whether the process counts are known: not when the kernel's map of them was full and
+    /// this worker has no entry in it.
+    pub processes_known: bool,
     /// `None` when it could not be read this time (the cause is logged).
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
@@ -76,13 +84,62 @@ pub struct Prewarm {
     pub threshold_pct: f64,
 }
 
-/// Where the per-worker scheduler counters come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CounterSource {
-    /// The probes: CPU time, run-queue wait and context switches.
+/// Where a figure came from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
     Ebpf,
-    /// Each worker cgroup's `cpu.stat` (CPU time only), without BPF.
+    Procfs,
     Cgroup,
+    Nvml,
+    Unavailable,
+}
+
+/// Where each per-worker figure the probes measure came from in a sample: the probes, a
+/// fallback file (`cpu.stat`, `/proc/<pid>/io`), or nowhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FigureSources {
+    pub cpu: Source,
+    pub runq: Source,
+    pub ctx_switches: Source,
+    pub io_syscall: Source,
+    pub io_read: Source,
+    pub io_write: Source,
+    pub processes_forked: Source,
+    pub execs: Source,
+    pub processes_exited: Source,
+}
+
+impl FigureSources {
+    fn new(availability: &Availability) -> Self {
+        let probed_or = |f: Figure, fallback: Source| if availability.has(f) { Source::Ebpf } else { fallback };
+        FigureSources {
+            cpu: probed_or(Figure::Cpu, Source::Cgroup),
+            runq: probed_or(Figure::Runq, Source::Unavailable),
+            ctx_switches: probed_or(Figure::CtxSwitches, Source::Unavailable),
+            io_syscall: probed_or(Figure::IoSyscall, Source::Procfs),
+            io_read: probed_or(Figure::IoRead, Source::Procfs),
+            io_write: probed_or(Figure::IoWrite, Source::Procfs),
+            processes_forked: probed_or(Figure::ProcessesForked, Source::Unavailable),
+            execs: probed_or(Figure::Execs, Source::Unavailable),
+            processes_exited: probed_or(Figure::ProcessesExited, Source::Unavailable),
+        }
+    }
+
+    fn io_fallback(&self) -> bool {
+        [self.io_syscall, self.io_read, self.io_write].contains(&Source::Procfs)
+    }
+}
+
+/// What the monitor itself cost over the interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SelfCost {
+    /// CPU seconds of the daemon, user and system.
+    pub cpu_s: f64,
+    /// Seconds of that in the kernel running the task iterator.
+    pub kernel_s: f64,
+    /// Resident memory now.
+    pub rss_bytes: u64,
 }
 
 /// Settings of a sampler beyond its slice.
@@ -97,6 +154,9 @@ pub struct SamplerOptions {
     /// Whether the probes must, may or must not be loaded.
     pub bpf: BpfMode,
     pub map_sizes: MapSizes,
+    /// Programs, kernel members, tracepoints or helpers to treat as missing (a test switch,
+    /// see `probes::WITHHOLD_ENV`).
+    pub withhold: std::collections::BTreeSet<String>,
 }
 
 /// Without the probes, CPU comes from each worker's `cpu.stat` and there are no run-queue,
@@ -119,6 +179,7 @@ impl Default for SamplerOptions {
             model_dir: None,
             bpf: BpfMode::Required,
             map_sizes: MapSizes::default(),
+            withhold: Default::default(),
         }
     }
 }
@@ -149,14 +210,19 @@ pub struct Sample {
     /// between the lookups of a pass.
     pub interval_ns: u64,
     pub workers: Vec<WorkerSample>,
-    /// Where the scheduler counters came from.
-    pub counters: CounterSource,
+    /// Where each probed figure came from.
+    pub sources: FigureSources,
+    /// Figures the probes do not measure here, by `collector` name, and why.
+    pub missing: BTreeMap<&'static str, String>,
+    /// Each eBPF program: `attached`, or why it is not. Empty without BPF.
+    pub programs: Vec<(&'static str, String)>,
+    pub self_cost: SelfCost,
     pub host: HostSample,
     /// `None` when GPU figures are unavailable (no NVML).
     pub gpus: Option<Vec<DeviceReading>>,
     pub prewarm: Vec<Prewarm>,
     pub probe_stats: ProbeStats,
-    /// Lifecycle events of the workers' processes since the previous sample, oldest first
+    /// Fork, exec and exit events of the workers' tasks since the previous sample, oldest first
     /// (`probe_stats.events_lost` counts those the ring buffer dropped). Empty without BPF.
     pub events: Vec<TaskEvent>,
 }
@@ -170,6 +236,11 @@ struct MainProcess {
 pub struct Sampler {
     /// `None` without BPF.
     probes: Option<Probes>,
+    sources: FigureSources,
+    missing: BTreeMap<&'static str, String>,
+    programs: Vec<(&'static str, String)>,
+    /// The daemon's CPU time at the last sample, ns.
+    last_cpu_ns: u64,
     slice: Slice,
     filter: SliceFilter,
     prev: KernelReading,
@@ -197,10 +268,11 @@ impl Sampler {
     }
 
     pub fn with_options(slice: Slice, options: SamplerOptions) -> Result<Self> {
+        let probe_options = ProbeOptions { sizes: options.map_sizes, withhold: options.withhold };
         let mut probes = match options.bpf {
             BpfMode::Off => None,
-            BpfMode::Required => Some(Probes::load(slice.level(), options.map_sizes)?),
-            BpfMode::Preferred => match Probes::load(slice.level(), options.map_sizes) {
+            BpfMode::Required => Some(Probes::load(slice.level(), probe_options)?),
+            BpfMode::Preferred => match Probes::load(slice.level(), probe_options) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     log::warn!(
@@ -211,6 +283,23 @@ impl Sampler {
                 }
             },
         };
+        let availability = match &probes {
+            Some(p) => p.availability().clone(),
+            None => Availability::none("no BPF"),
+        };
+        let missing = availability.missing().map(|(f, why)| (f.name(), why.to_string())).collect();
+        let programs = probes
+            .as_ref()
+            .map(|p| {
+                p.programs()
+                    .iter()
+                    .map(|(name, status)| match status {
+                        ProgramStatus::Attached => (*name, "attached".to_string()),
+                        ProgramStatus::Unavailable(why) => (*name, format!("unavailable: {why}")),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let filter = slice.filter();
         if let Some(p) = &mut probes {
             p.set_slice(filter)?;
@@ -218,12 +307,20 @@ impl Sampler {
         if filter.id == 0 {
             log::warn!("slice {} does not exist yet; watching for it", slice.dir().display());
         }
-        let prev = match &mut probes {
+        let sources = FigureSources::new(&availability);
+        let mut prev = match &mut probes {
             Some(p) => p.read()?,
-            None => cgroup_reading(&slice.workers()?),
+            None => KernelReading::default(),
         };
+        if sources.cpu == Source::Cgroup {
+            cpu_from_cgroup(&mut prev, &slice.workers()?);
+        }
         Ok(Self {
             probes,
+            sources,
+            missing,
+            programs,
+            last_cpu_ns: procfs::self_cpu_ns().unwrap_or(0),
             slice,
             filter,
             prev,
@@ -272,24 +369,24 @@ impl Sampler {
         }
         let cgroups = self.slice.workers()?;
         let wall = SystemTime::now();
-        let (reading, events) = match &mut self.probes {
-            Some(p) => {
-                let events = p.drain_events();
-                for event in events.iter().filter(|e| e.kind == TaskEventKind::Exec as u32) {
-                    self.models.forget_pid(event.pid);
-                }
-                (p.read()?, events)
-            }
-            None => (cgroup_reading(&cgroups), Vec::new()),
+        let mut reading = match &mut self.probes {
+            Some(p) => p.read()?,
+            None => KernelReading::default(),
         };
+        for event in reading.events.iter().filter(|e| e.kind == TaskEventKind::Exec as u32) {
+            self.models.forget_pid(event.task.tgid);
+        }
+        if self.sources.cpu == Source::Cgroup {
+            cpu_from_cgroup(&mut reading, &cgroups);
+        }
         let interval_ns = reading.at_ns.saturating_sub(self.prev.at_ns);
         let boottime_s = procfs::boottime_s();
         let gpu = self.gpus.as_mut().map(Gpus::read);
 
-        let mut current = reading.workers;
-        // With the counters map full, a worker without an entry may have had its events
-        // dropped: its probed figures are unknown, not zero.
-        let map_full = self.probes.as_ref().is_some_and(|p| current.len() >= p.map_sizes().workers as usize);
+        let mut current = std::mem::take(&mut reading.workers);
+        // With the process-count map full, a worker without an entry may have had its events
+        // dropped: its counts are unknown, not zero.
+        let map_full = reading.stats.workers_full > 0;
         let mut workers = Vec::with_capacity(cgroups.len());
         self.memory.begin_sample();
         self.procs_files.sweep();
@@ -318,17 +415,24 @@ impl Sampler {
                 .workers
                 .get(&cg.id)
                 .copied()
-                .unwrap_or(WorkerReading { at_ns: self.prev.at_ns, counters: Default::default() });
-            let counted = !map_full || current.contains_key(&cg.id);
+                .unwrap_or(WorkerReading { at_ns: self.prev.at_ns, ..Default::default() });
+            let processes_known = !map_full || current.get(&cg.id).is_some_and(|w| w.processes_counted);
             let mut cur =
                 current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
-            let io_known = match self.probes {
-                Some(_) => counted,
-                None => match self.fallback_io.worker(cg.id, &procs, self.clk_tck) {
+            let io_known = match self.sources.io_fallback() {
+                false => true,
+                true => match self.fallback_io.worker(cg.id, &procs, self.clk_tck) {
                     Some(io) => {
-                        let c = &mut cur.counters;
-                        (c.syscall_read_bytes, c.syscall_write_bytes) = (io.rchar, io.wchar);
-                        (c.storage_read_bytes, c.storage_write_bytes) = (io.read_bytes, io.write_bytes);
+                        let (c, s) = (&mut cur.counters, &self.sources);
+                        if s.io_syscall == Source::Procfs {
+                            (c.syscall_read_bytes, c.syscall_write_bytes) = (io.rchar, io.wchar);
+                        }
+                        if s.io_read == Source::Procfs {
+                            c.storage_read_bytes = io.read_bytes;
+                        }
+                        if s.io_write == Source::Procfs {
+                            c.storage_write_bytes = io.write_bytes;
+                        }
                         true
                     }
                     None => false,
@@ -336,15 +440,14 @@ impl Sampler {
             };
             let counters = monotonic(prev.counters, cur.counters);
             let worker_interval = cur.at_ns.saturating_sub(prev.at_ns);
-            current.insert(cg.id, WorkerReading { at_ns: cur.at_ns, counters });
+            current.insert(cg.id, WorkerReading { counters, ..cur });
             workers.push(WorkerSample {
                 pid: main.map(|m| m.pid),
                 uptime_s: main.map(|m| uptime_s(m.start_ticks, self.clk_tck, boottime_s)),
                 processes: procs.len(),
                 at_ns: cur.at_ns,
-                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval).filter(|_| counted),
-                runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval)
-                    .filter(|_| counted),
+                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
+                runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
                 syscall_read_bytes_s: per_second(
                     prev.counters.syscall_read_bytes,
                     counters.syscall_read_bytes,
@@ -366,6 +469,7 @@ impl Sampler {
                     worker_interval,
                 ),
                 io_known,
+                processes_known,
                 memory,
                 model,
                 gpu: worker_gpu,
@@ -375,7 +479,7 @@ impl Sampler {
         }
 
         let seen: HashSet<u64> = workers.iter().map(|w| w.cgroup.id).collect();
-        if self.probes.is_none() {
+        if self.sources.io_fallback() {
             self.fallback_io.end_sample(&seen, boottime_s);
         }
         self.forget_removed(&seen, &current);
@@ -386,7 +490,8 @@ impl Sampler {
         self.memory.retain_mains(|pid| live_pids.contains(&pid));
         let host = self.host();
         let prewarm = gpu.as_ref().map(|g| self.prewarm(&g.devices)).unwrap_or_default();
-        self.prev = KernelReading { at_ns: reading.at_ns, workers: current, stats: reading.stats };
+        let self_cost = self.self_cost(reading.kernel_ns);
+        self.prev = KernelReading { at_ns: reading.at_ns, workers: current, ..Default::default() };
         self.seq += 1;
         Ok(Sample {
             seq: self.seq,
@@ -394,13 +499,24 @@ impl Sampler {
             at_ns: reading.at_ns,
             interval_ns,
             workers,
-            counters: if self.probes.is_some() { CounterSource::Ebpf } else { CounterSource::Cgroup },
+            sources: self.sources,
+            missing: self.missing.clone(),
+            programs: self.programs.clone(),
+            self_cost,
             host,
             gpus: gpu.map(|g| g.devices),
             prewarm,
             probe_stats: reading.stats,
-            events,
+            events: reading.events,
         })
+    }
+
+    /// The daemon's CPU time since the last sample, and its memory now.
+    fn self_cost(&mut self, kernel_ns: u64) -> SelfCost {
+        let cpu_ns = procfs::self_cpu_ns().map_err(|e| log::debug!("own CPU time left out: {e}")).unwrap_or(0);
+        let cpu_s = cpu_ns.saturating_sub(std::mem::replace(&mut self.last_cpu_ns, cpu_ns)) as f64 / 1e9;
+        let rss_bytes = procfs::self_rss_bytes().map_err(|e| log::debug!("own RSS left out: {e}")).unwrap_or(0);
+        SelfCost { cpu_s, kernel_s: kernel_ns as f64 / 1e9, rss_bytes }
     }
 
     /// Drops the kernel counters of workers whose cgroup is gone. An id counts as gone when
@@ -473,24 +589,22 @@ impl Sampler {
     }
 }
 
-/// Without BPF: each worker's CPU time from its cgroup's `cpu.stat`, which the kernel
-/// charges at the same points the probes hook (running tasks' uncharged time excepted).
-fn cgroup_reading(workers: &[WorkerCgroup]) -> KernelReading {
-    let at_ns = crate::probes::monotonic_ns();
-    let workers = workers
-        .iter()
-        .filter_map(|w| match cgroup::cpu_usage_ns(&w.dir) {
+/// Without the probes' CPU figure: each worker's CPU time from its cgroup's `cpu.stat`,
+/// which the kernel charges as it charges tasks (running tasks' uncharged time excepted).
+fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[WorkerCgroup]) {
+    if reading.at_ns == 0 {
+        reading.at_ns = crate::probes::monotonic_ns();
+    }
+    for w in workers {
+        match cgroup::cpu_usage_ns(&w.dir) {
             Ok(cpu_ns) => {
-                let counters = WorkerCounters { cpu_ns, ..Default::default() };
-                Some((w.id, WorkerReading { at_ns: crate::probes::monotonic_ns(), counters }))
+                let at_ns = crate::probes::monotonic_ns();
+                let entry = reading.workers.entry(w.id).or_insert(WorkerReading { at_ns, ..Default::default() });
+                (entry.at_ns, entry.counters.cpu_ns) = (at_ns, cpu_ns);
             }
-            Err(e) => {
-                log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance);
-                None
-            }
-        })
-        .collect();
-    KernelReading { at_ns, workers, stats: ProbeStats::default() }
+            Err(e) => log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance),
+        }
+    }
 }
 
 /// Without the probes, each worker's I/O summed from its processes' `/proc/<pid>/io`. What a
@@ -619,7 +733,6 @@ fn monotonic(prev: WorkerCounters, cur: WorkerCounters) -> WorkerCounters {
         processes_forked: cur.processes_forked.max(prev.processes_forked),
         execs: cur.execs.max(prev.execs),
         processes_exited: cur.processes_exited.max(prev.processes_exited),
-        running_since_ns: 0,
     }
 }
 

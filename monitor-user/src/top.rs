@@ -274,7 +274,7 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::heartbeat::{Collector, Hive, ProbeHealth, Source};
+    use crate::heartbeat::{Collector, Hive, ProbeHealth, SelfCost, Source};
 
     fn worker(group: &str, instance: &str, pid: u32, cpu: Option<f64>, runq: f64) -> Worker {
         Worker {
@@ -350,12 +350,16 @@ mod tests {
                 gpu: s,
                 model: s,
                 host: s,
+                processes: s,
+                missing: Default::default(),
+                programs: Default::default(),
                 probes: ProbeHealth {
                     workers_map_full: 0,
                     read_errors: 0,
                     nested_too_deep: 0,
                     events_lost: 0,
                 },
+                self_cost: SelfCost { cpu_s: 0.0, kernel_s: 0.0, rss_bytes: 0 },
             },
         }
     }

@@ -326,3 +326,12 @@ pub fn proc_field(pid: u32, file: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} in /proc/{pid}/{file}"));
     value.trim().trim_end_matches("kB").trim().parse().unwrap_or_else(|_| panic!("{name} {value:?}"))
 }
+
+/// Polls `done` every 20 ms until it holds; panics after `limit`, naming `what`.
+pub fn wait_for(mut done: impl FnMut() -> bool, limit: std::time::Duration, what: &str) {
+    let end = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,6 +1,6 @@
-//! Map pressure: more workers than the kernel's counters map holds. The overflow is counted
-//! and reported, the figures it makes unknown are null, and everything else stays exact
-//! against `cpu.stat`. (Nothing is kept per task, so there is no task map to fill.)
+//! Map pressure: more workers than the kernel's map of process counts holds. The overflow
+//! is counted and reported, the counts it makes unknown are null, and every other figure
+//! stays exact against `cpu.stat` (task counters are kept by the loader, not in a map).
 use std::time::Duration;
 
 use hive_monitor_tests::*;
@@ -31,10 +31,14 @@ fn more_workers_than_the_map_holds() {
     let cg = TestCgroup::new("workers_full");
     let mut sampler = sampler(&cg, MapSizes { workers: 3 });
     let dirs: Vec<_> = (0..5).map(|i| cg.mkdir(&format!("rbee.slice/llm/w{i}"))).collect();
-    let _loads: Vec<_> =
-        dirs.iter().map(|d| Workload::start(HM_LOAD, d, &["duty", "20", "20", "60"])).collect();
+    let done: Vec<_> = (0..5).map(|i| cg.dir.join(format!("done{i}"))).collect();
+    let _loads: Vec<_> = dirs
+        .iter()
+        .zip(&done)
+        .map(|(d, f)| Workload::start(HM_LOAD, d, &["forks", "20", f.to_str().unwrap(), "60"]))
+        .collect();
     sampler.sample().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for(|| done.iter().all(|f| f.exists()), Duration::from_secs(20), "the forks");
     let slice = cg.dir.join("rbee.slice");
     freeze(&slice);
     let sample = sampler.sample().unwrap();
@@ -48,17 +52,19 @@ fn more_workers_than_the_map_holds() {
     for (i, dir) in dirs.iter().enumerate() {
         let w = sample.workers.iter().find(|w| w.cgroup.dir == *dir).unwrap();
         let json = hb.workers.iter().find(|j| j.instance == w.cgroup.instance).unwrap();
-        match w.cpu_pct {
-            Some(_) => {
+        // Created after the probes were attached, so every nanosecond counts.
+        let (ours, theirs) = (w.counters.cpu_ns, kernel[i]);
+        eprintln!("w{i}: monitor {ours} ns, cpu.stat {theirs} ns, forked {:?}", json.processes_forked_total);
+        assert!(ours.abs_diff(theirs) <= theirs / 200, "w{i}: {ours} vs cpu.stat {theirs}");
+        assert!(json.cpu_pct.is_some() && json.io_syscall_w_mb_s.is_some(), "w{i}: {json:?}");
+        match json.processes_forked_total {
+            Some(n) => {
                 counted += 1;
-                // Created after the probes were attached, so every nanosecond counts.
-                let (ours, theirs) = (w.counters.cpu_ns, kernel[i]);
-                eprintln!("w{i}: monitor {ours} ns, cpu.stat {theirs} ns");
-                assert!(ours.abs_diff(theirs) <= theirs / 200, "w{i}: {ours} vs cpu.stat {theirs}");
+                assert_eq!(n, 20, "w{i} forked 20");
             }
             None => {
                 unknown += 1;
-                assert!(json.cpu_pct.is_none() && json.io_syscall_w_mb_s.is_none(), "null, not 0: {json:?}");
+                assert!(json.execs_total.is_none() && json.processes_exited_total.is_none(), "{json:?}");
             }
         }
     }

@@ -1,97 +1,173 @@
 //! Resolves `KernelLayout` from the running kernel's BTF: the struct field offsets and
 //! tracepoint argument positions the probes use, so nothing kernel-specific is compiled in.
+use std::collections::{BTreeMap, BTreeSet};
+
 use btf_rs::{Btf, Type};
-use monitor_common::KernelLayout;
+use monitor_common::{KernelLayout, MISSING};
 
 use crate::error::{Error, Result};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Where `pt_regs` keeps the system call number.
-#[cfg(target_arch = "x86_64")]
-const SYSCALL_NR_FIELD: &str = "orig_ax";
-#[cfg(target_arch = "aarch64")]
-const SYSCALL_NR_FIELD: &str = "syscallno";
-
-pub fn resolve(btf: &Btf, slice_level: u32) -> Result<KernelLayout> {
-    let switch = TracepointArgs::resolve(btf, "sched_switch")?;
-    let runtime = TracepointArgs::resolve(btf, "sched_stat_runtime")?;
-    let sys_exit = TracepointArgs::resolve(btf, "sys_exit")?;
-    let bio_queue = TracepointArgs::resolve(btf, "block_bio_queue")?;
-    let dirty = TracepointArgs::resolve(btf, "writeback_dirty_folio")?;
-    let fork = TracepointArgs::resolve(btf, "sched_process_fork")?;
-    let exec = TracepointArgs::resolve(btf, "sched_process_exec")?;
-    let exit = TracepointArgs::resolve(btf, "sched_process_exit")?;
-    let task_cpu = offset(btf, "task_struct", &["thread_info", "cpu"])
-        .or_else(|_| offset(btf, "task_struct", &["cpu"]))?;
-    Ok(KernelLayout {
-        task_pid: offset(btf, "task_struct", &["pid"])?,
-        task_cgroups: offset(btf, "task_struct", &["cgroups"])?,
-        task_cpu,
-        css_set_dfl_cgrp: offset(btf, "css_set", &["dfl_cgrp"])?,
-        cgroup_level: offset(btf, "cgroup", &["level"])?,
-        cgroup_kn: offset(btf, "cgroup", &["kn"])?,
-        kernfs_node_id: offset(btf, "kernfs_node", &["id"])?,
-        kernfs_node_parent: offset(btf, "kernfs_node", &["__parent"])
-            .or_else(|_| offset(btf, "kernfs_node", &["parent"]))?,
-        switch_preempt: switch.nth(ArgKind::Bool, 0)?,
-        switch_prev: switch.nth(task_ptr(), 0)?,
-        switch_next: switch.nth(task_ptr(), 1)?,
-        switch_prev_state: switch.nth(ArgKind::Int(4), 0)?,
-        runtime_task: runtime.nth(task_ptr(), 0)?,
-        runtime_delta: runtime.nth(ArgKind::Int(8), 0)?,
-        task_run_delay: offset(btf, "task_struct", &["sched_info", "run_delay"])?,
-        task_pcount: offset(btf, "task_struct", &["sched_info", "pcount"])?,
-        task_last_queued: offset(btf, "task_struct", &["sched_info", "last_queued"])?,
-        task_cfs_rq: offset(btf, "task_struct", &["se", "cfs_rq"])?,
-        cfs_rq_rq: offset(btf, "cfs_rq", &["rq"])?,
-        rq_clock: offset(btf, "rq", &["clock"])?,
-        task_tgid: offset(btf, "task_struct", &["tgid"])?,
-        fork_parent: fork.nth(task_ptr(), 0)?,
-        fork_child: fork.nth(task_ptr(), 1)?,
-        exec_task: exec.nth(task_ptr(), 0)?,
-        exit_task: exit.nth(task_ptr(), 0)?,
-        exit_group_dead: exit.nth(ArgKind::Bool, 0).unwrap_or(u32::MAX),
-        sys_exit_regs: sys_exit.nth(ArgKind::StructPtr("pt_regs".into()), 0)?,
-        sys_exit_ret: sys_exit.nth(ArgKind::Int(8), 0)?,
-        pt_regs_syscall_nr: offset(btf, "pt_regs", &[SYSCALL_NR_FIELD])?,
-        bio_queue_bio: bio_queue.nth(ArgKind::StructPtr("bio".into()), 0)?,
-        bio_opf: offset(btf, "bio", &["bi_opf"])?,
-        bio_size: offset(btf, "bio", &["bi_iter", "bi_size"])?,
-        bio_vcnt: offset(btf, "bio", &["bi_vcnt"])?,
-        bio_io_vec: offset(btf, "bio", &["bi_io_vec"])?,
-        bio_vec_page: offset(btf, "bio_vec", &["bv_page"])?,
-        task_bio_list: offset(btf, "task_struct", &["bio_list"])?,
-        page_flags: offset(btf, "page", &["flags"])?,
-        page_compound_head: offset(btf, "page", &["compound_head"])?,
-        pg_writeback: enum_value(btf, "pageflags", "PG_writeback")?,
-        pg_head: enum_value(btf, "pageflags", "PG_head")?,
-        folio_nr_pages: offset(btf, "folio", &["_nr_pages"])?,
-        dirty_folio: dirty.nth(ArgKind::StructPtr("folio".into()), 0)?,
-        dirty_mapping: dirty.nth(ArgKind::StructPtr("address_space".into()), 0)?,
-        mapping_host: offset(btf, "address_space", &["host"])?,
-        inode_sb: offset(btf, "inode", &["i_sb"])?,
-        sb_bdi: offset(btf, "super_block", &["s_bdi"])?,
-        sb_magic: offset(btf, "super_block", &["s_magic"])?,
-        bdi_capabilities: offset(btf, "backing_dev_info", &["capabilities"])?,
-        // SAFETY: sysconf has no preconditions.
-        page_size: u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .map_err(|_| Error::Btf("no page size from sysconf".into()))?,
-        slice_level,
-    })
+/// A member the probes read, under the name it is reported by (`struct.member.path`), with
+/// every name it has had across the supported kernels, newest first.
+pub struct Member {
+    name: &'static str,
+    strukt: &'static str,
+    paths: &'static [&'static [&'static str]],
 }
 
-/// The value of enumerator `member` of `enum name`.
-fn enum_value(btf: &Btf, name: &str, member: &str) -> Result<u32> {
-    let types = btf.resolve_types_by_name(name).map_err(|e| btf_err(format!("enum {name}"), e))?;
-    types
-        .iter()
-        .find_map(|t| match t {
-            Type::Enum(e) => e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member)),
-            _ => None,
+const fn member(name: &'static str, strukt: &'static str, paths: &'static [&'static [&'static str]]) -> Member {
+    Member { name, strukt, paths }
+}
+
+/// What this kernel's BTF lacks, by member or tracepoint name, with the reason.
+pub type Missing = BTreeMap<String, String>;
+
+/// The kernel layout, with what could not be resolved marked `MISSING` and listed.
+#[derive(Debug)]
+pub struct Resolved {
+    pub layout: KernelLayout,
+    pub missing: Missing,
+}
+
+/// Resolves every member and tracepoint argument the probes use. Nothing here fails for a
+/// missing name: it is listed, and costs only the programs and figures that need it.
+/// `withheld` names members and tracepoints to treat as missing (a test switch).
+pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Resolved {
+    let mut r = Resolver { btf, withheld, missing: Missing::new() };
+    let fork = r.tracepoint("sched_process_fork");
+    let exec = r.tracepoint("sched_process_exec");
+    let exit = r.tracepoint("sched_process_exit");
+    let free = r.tracepoint("sched_process_free");
+    let task = task_ptr();
+    let layout = KernelLayout {
+        task_pid: r.member(&member("task_struct.pid", "task_struct", &[&["pid"]])),
+        task_tgid: r.member(&member("task_struct.tgid", "task_struct", &[&["tgid"]])),
+        task_cgroups: r.member(&member("task_struct.cgroups", "task_struct", &[&["cgroups"]])),
+        task_start_time: r.member(&member("task_struct.start_time", "task_struct", &[&["start_time"]])),
+        css_set_dfl_cgrp: r.member(&member("css_set.dfl_cgrp", "css_set", &[&["dfl_cgrp"]])),
+        cgroup_level: r.member(&member("cgroup.level", "cgroup", &[&["level"]])),
+        cgroup_kn: r.member(&member("cgroup.kn", "cgroup", &[&["kn"]])),
+        kernfs_node_id: r.member(&member("kernfs_node.id", "kernfs_node", &[&["id"]])),
+        // Renamed in 6.15.
+        kernfs_node_parent: r.member(&member("kernfs_node.parent", "kernfs_node", &[&["__parent"], &["parent"]])),
+        task_sum_exec_runtime: r.member(&SUM_EXEC_RUNTIME),
+        task_on_cpu: r.member(&UNCHARGED[0]),
+        task_exec_start: r.member(&UNCHARGED[1]),
+        task_cfs_rq: r.member(&UNCHARGED[2]),
+        cfs_rq_rq: r.member(&UNCHARGED[3]),
+        rq_clock: r.member(&UNCHARGED[4]),
+        rq_clock_task: r.member(&UNCHARGED[5]),
+        task_run_delay: r.member(&RUN_DELAY[0]),
+        task_pcount: r.member(&RUN_DELAY[1]),
+        task_nvcsw: r.member(&SWITCHES[0]),
+        task_nivcsw: r.member(&SWITCHES[1]),
+        task_rchar: r.member(&SYSCALL_IO[0]),
+        task_wchar: r.member(&SYSCALL_IO[1]),
+        task_read_bytes: r.member(&READ_BYTES),
+        task_write_bytes: r.member(&WRITE_BYTES),
+        iter_meta: r.member(&member("bpf_iter__task.meta", "bpf_iter__task", &[&["meta"]])),
+        iter_task: r.member(&member("bpf_iter__task.task", "bpf_iter__task", &[&["task"]])),
+        fork_parent: r.arg(&fork, "sched_process_fork.parent", &task, 0),
+        fork_child: r.arg(&fork, "sched_process_fork.child", &task, 1),
+        exec_task: r.arg(&exec, "sched_process_exec.p", &task, 0),
+        exit_task: r.arg(&exit, "sched_process_exit.p", &task, 0),
+        // Only from 6.16; the thread group leader's exit stands in before. Not missing.
+        exit_group_dead: exit.as_ref().and_then(|t| t.nth(&ArgKind::Bool, 0)).unwrap_or(MISSING),
+        free_task: r.arg(&free, "sched_process_free.p", &task, 0),
+        slice_level,
+    };
+    let mut missing = r.missing;
+    // The iterator reads its context at fixed offsets, the only kind the verifier allows.
+    if (layout.iter_meta, layout.iter_task) != (0, 8) && !missing.contains_key("bpf_iter__task.task") {
+        missing.insert("bpf_iter__task.task".into(), "bpf_iter__task is not { meta@0, task@8 }".into());
+    }
+    Resolved { layout, missing }
+}
+
+/// The members each figure reads beyond what every program needs (see `probes::figures`).
+pub const SUM_EXEC_RUNTIME: Member =
+    member("task_struct.se.sum_exec_runtime", "task_struct", &[&["se", "sum_exec_runtime"]]);
+pub const UNCHARGED: [Member; 6] = [
+    member("task_struct.on_cpu", "task_struct", &[&["on_cpu"]]),
+    member("task_struct.se.exec_start", "task_struct", &[&["se", "exec_start"]]),
+    member("task_struct.se.cfs_rq", "task_struct", &[&["se", "cfs_rq"]]),
+    member("cfs_rq.rq", "cfs_rq", &[&["rq"]]),
+    member("rq.clock", "rq", &[&["clock"]]),
+    member("rq.clock_task", "rq", &[&["clock_task"]]),
+];
+pub const RUN_DELAY: [Member; 2] = [
+    member("task_struct.sched_info.run_delay", "task_struct", &[&["sched_info", "run_delay"]]),
+    member("task_struct.sched_info.pcount", "task_struct", &[&["sched_info", "pcount"]]),
+];
+pub const SWITCHES: [Member; 2] = [
+    member("task_struct.nvcsw", "task_struct", &[&["nvcsw"]]),
+    member("task_struct.nivcsw", "task_struct", &[&["nivcsw"]]),
+];
+pub const SYSCALL_IO: [Member; 2] = [
+    member("task_struct.ioac.rchar", "task_struct", &[&["ioac", "rchar"]]),
+    member("task_struct.ioac.wchar", "task_struct", &[&["ioac", "wchar"]]),
+];
+pub const READ_BYTES: Member = member("task_struct.ioac.read_bytes", "task_struct", &[&["ioac", "read_bytes"]]);
+pub const WRITE_BYTES: Member =
+    member("task_struct.ioac.write_bytes", "task_struct", &[&["ioac", "write_bytes"]]);
+
+impl Member {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+struct Resolver<'a> {
+    btf: &'a Btf,
+    withheld: &'a BTreeSet<String>,
+    missing: Missing,
+}
+
+impl Resolver<'_> {
+    fn member(&mut self, m: &Member) -> u32 {
+        if self.withheld.contains(m.name) {
+            self.missing.insert(m.name.into(), "withheld by HIVE_MONITOR_WITHHOLD".into());
+            return MISSING;
+        }
+        let mut last = None;
+        for path in m.paths {
+            match offset(self.btf, m.strukt, path) {
+                Ok(off) => return off,
+                Err(e) => last = Some(e),
+            }
+        }
+        let reason = match (m.paths.len(), last) {
+            (1, Some(e)) => e.to_string(),
+            (_, _) => format!(
+                "struct {} has none of the members {}",
+                m.strukt,
+                m.paths.iter().map(|p| p.join(".")).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        self.missing.insert(m.name.into(), reason);
+        MISSING
+    }
+
+    fn tracepoint(&mut self, name: &'static str) -> Option<TracepointArgs> {
+        if self.withheld.contains(name) {
+            self.missing.insert(name.into(), "withheld by HIVE_MONITOR_WITHHOLD".into());
+            return None;
+        }
+        TracepointArgs::resolve(self.btf, name).map_err(|e| self.missing.insert(name.into(), e.to_string())).ok()
+    }
+
+    fn arg(&mut self, tp: &Option<TracepointArgs>, name: &str, kind: &ArgKind, n: usize) -> u32 {
+        let Some(tp) = tp else { return MISSING };
+        tp.nth(kind, n).unwrap_or_else(|| {
+            self.missing.insert(
+                name.into(),
+                format!("tracepoint {} has no argument #{n} of kind {kind:?} (has {:?})", tp.name, tp.kinds),
+            );
+            MISSING
         })
-        .map(|m| m.val())
-        .ok_or_else(|| Error::Btf(format!("enum {name} has no {member}")))
+    }
 }
 
 fn btf_err(what: impl std::fmt::Display, e: btf_rs::Error) -> Error {
@@ -213,14 +289,79 @@ impl TracepointArgs {
     }
 
     /// Position of the `n`th argument of `kind`.
-    fn nth(&self, kind: ArgKind, n: usize) -> Result<u32> {
-        self.kinds.iter().enumerate().filter(|(_, k)| **k == kind).nth(n).map(|(i, _)| i as u32).ok_or_else(
-            || {
-                Error::Btf(format!(
-                    "tracepoint {} has no argument #{n} of kind {kind:?} (has {:?})",
-                    self.name, self.kinds
-                ))
-            },
-        )
+    fn nth(&self, kind: &ArgKind, n: usize) -> Option<u32> {
+        self.kinds.iter().enumerate().filter(|(_, k)| *k == kind).nth(n).map(|(i, _)| i as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where `cargo xtask test-kernels` leaves the BTF of each kernel of the matrix.
+    const BTF_DIR_ENV: &str = "HIVE_MONITOR_BTF_DIR";
+
+    fn resolve_file(path: &std::path::Path) -> Resolved {
+        let btf = Btf::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        resolve(&btf, 1, &BTreeSet::new())
+    }
+
+    #[test]
+    fn this_kernel_has_everything() {
+        let path = std::path::Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("SKIPPED this_kernel_has_everything: no {VMLINUX_BTF}");
+            return;
+        }
+        let r = resolve_file(path);
+        assert!(r.missing.is_empty(), "missing on this kernel: {:?}", r.missing);
+        assert_eq!((r.layout.iter_meta, r.layout.iter_task), (0, 8));
+    }
+
+    /// Every kernel of the matrix (5.10 → 7.x) resolves every member and tracepoint, each
+    /// under whichever of its names that kernel uses.
+    #[test]
+    fn every_kernel_of_the_matrix_resolves() {
+        let Some(dir) = std::env::var_os(BTF_DIR_ENV) else {
+            eprintln!("SKIPPED every_kernel_of_the_matrix_resolves: {BTF_DIR_ENV} not set (cargo xtask test-kernels sets it)");
+            return;
+        };
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", std::path::Path::new(&dir).display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "btf"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no .btf files in {dir:?}");
+        for path in files {
+            let r = resolve_file(&path);
+            eprintln!(
+                "{}: task.se.sum_exec_runtime@{} sched_info.run_delay@{} nvcsw@{} ioac.rchar@{} kernfs parent@{} group_dead arg {}",
+                path.display(),
+                r.layout.task_sum_exec_runtime,
+                r.layout.task_run_delay,
+                r.layout.task_nvcsw,
+                r.layout.task_rchar,
+                r.layout.kernfs_node_parent,
+                r.layout.exit_group_dead
+            );
+            assert!(r.missing.is_empty(), "{}: missing {:?}", path.display(), r.missing);
+        }
+    }
+
+    #[test]
+    fn a_withheld_name_is_missing_with_the_reason() {
+        let path = std::path::Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("SKIPPED a_withheld_name_is_missing_with_the_reason: no {VMLINUX_BTF}");
+            return;
+        }
+        let btf = Btf::from_file(path).unwrap();
+        let withheld = BTreeSet::from(["task_struct.nvcsw".to_string(), "sched_process_free".to_string()]);
+        let r = resolve(&btf, 1, &withheld);
+        assert_eq!(r.layout.task_nvcsw, MISSING);
+        assert_eq!(r.layout.free_task, MISSING);
+        assert_ne!(r.layout.task_nivcsw, MISSING);
+        assert_eq!(r.missing.keys().collect::<Vec<_>>(), ["sched_process_free", "task_struct.nvcsw"]);
     }
 }

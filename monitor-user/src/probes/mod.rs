@@ -1,50 +1,57 @@
-//! Loading and attaching the eBPF program, and reading what it counts.
+//! Loading and attaching the eBPF programs, and reading what they count: the task iterator
+//! once per pass, the task events since the last pass, and the process counts.
+pub mod figures;
 mod layout;
+pub mod ledger;
 
-use std::collections::HashMap;
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    io::Read as _,
+};
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, Iter},
     Btf, Ebpf, EbpfLoader,
 };
-use monitor_common::{IoSyscalls, ProbeStats, SliceFilter, TaskEvent, WorkerCounters, MAX_WORKERS};
+use monitor_common::{
+    ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS, MAX_WORKERS,
+};
 
+pub use self::{
+    figures::{Availability, Figure, ProgramStatus},
+    ledger::WorkerCounters,
+};
+use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
 use crate::error::{Error, Result};
 
 /// The object `build.rs` compiled from `monitor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-/// The programs, each attached (`tp_btf`) to the tracepoint of its name.
-const PROGRAMS: [&str; 8] = [
-    "sched_stat_runtime",
-    "sched_switch",
-    "sys_exit",
-    "block_bio_queue",
-    "writeback_dirty_folio",
-    "sched_process_fork",
-    "sched_process_exec",
-    "sched_process_exit",
-];
+/// A test switch of `hive-monitor run`: programs, kernel members, tracepoints or helpers
+/// (`helper:NAME`) to treat as missing, comma-separated, so the degradation of each can be
+/// tested on one kernel.
+pub const WITHHOLD_ENV: &str = "HIVE_MONITOR_WITHHOLD";
 
-/// This architecture's read-type, write-type and both-ways system calls (rchar/wchar).
-#[cfg(target_arch = "x86_64")]
-const IO_SYSCALLS: IoSyscalls = IoSyscalls {
-    // read, pread64, readv, preadv, preadv2
-    read: [0, 17, 19, 295, 327],
-    // write, pwrite64, writev, pwritev, pwritev2
-    write: [1, 18, 20, 296, 328],
-    // sendfile, copy_file_range
-    both: [40, 326],
-};
-#[cfg(target_arch = "aarch64")]
-const IO_SYSCALLS: IoSyscalls =
-    IoSyscalls { read: [63, 67, 65, 69, 286], write: [64, 68, 66, 70, 287], both: [71, 285] };
+/// `WITHHOLD_ENV`'s names.
+pub fn withheld_from_env() -> BTreeSet<String> {
+    std::env::var(WITHHOLD_ENV)
+        .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// How to load the probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProbeOptions {
+    pub sizes: MapSizes,
+    /// Names to treat as missing (see `WITHHOLD_ENV`).
+    pub withhold: BTreeSet<String>,
+}
 
 /// How many entries the kernel maps hold; what does not fit is counted in `ProbeStats`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
-    /// Workers with counters (`WORKERS`).
+    /// Workers with process counts (`WORKERS`).
     pub workers: u32,
 }
 
@@ -54,25 +61,31 @@ impl Default for MapSizes {
     }
 }
 
-/// The loaded, attached probes. Dropping this detaches them.
+/// The loaded probes, each attached or with the reason it is not. Dropping this detaches them.
 pub struct Probes {
     sizes: MapSizes,
-    workers: PerCpuHashMap<MapData, u64, WorkerCounters>,
+    workers: PerCpuHashMap<MapData, u64, ProcessCounts>,
     slice: Array<MapData, SliceFilter>,
     stats: PerCpuArray<MapData, ProbeStats>,
     events: RingBuf<MapData>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    programs: Vec<(&'static str, ProgramStatus)>,
+    availability: Availability,
+    ledger: Ledger,
+    /// Workers whose process counts changed since they were last read, and those counts.
+    process_counts: HashMap<u64, ProcessCounts>,
+    events_lost: u64,
     ebpf: Ebpf,
 }
 
-/// One worker's counters, summed over CPUs, as of one instant.
+/// One worker's counters, as of one instant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerReading {
     /// CLOCK_MONOTONIC ns the counters describe.
     pub at_ns: u64,
-    /// `cpu_ns` includes the time the worker's running tasks accrued since the kernel last
-    /// charged them; `running_since_ns` is 0.
     pub counters: WorkerCounters,
+    /// Whether the kernel's map of process counts has an entry for the worker.
+    pub processes_counted: bool,
 }
 
 /// What the kernel measured of one program (with `kernel.bpf_stats_enabled`).
@@ -91,31 +104,37 @@ pub struct KernelReading {
     /// Worker cgroup id → its reading.
     pub workers: HashMap<u64, WorkerReading>,
     pub stats: ProbeStats,
+    /// CPU time this thread spent in the kernel running the task iterator, ns.
+    pub kernel_ns: u64,
+    /// Fork, exec and process-exit events since the last pass, oldest first.
+    pub events: Vec<TaskEvent>,
 }
 
-/// Uncharged time above this is not believed: a task is charged at every tick (4 ms at
-/// HZ=250) and at least once a second with `nohz_full`, so an older start means a switch
-/// was missed, and this bounds what such a miss can add.
-const MAX_UNCHARGED_NS: u64 = 1_000_000_000;
-
 impl Probes {
-    /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the
-    /// programs for a slice `slice_level` deep below the cgroup2 root (fixed for their life).
-    pub fn load(slice_level: u32, sizes: MapSizes) -> Result<Self> {
+    /// Checks privileges, resolves the kernel layout from BTF, loads and attaches every
+    /// program this kernel can run for a slice `slice_level` deep below the cgroup2 root
+    /// (fixed for their life). A program that cannot be loaded costs only its figures
+    /// (`availability`); only a failure of them all is an error.
+    pub fn load(slice_level: u32, options: ProbeOptions) -> Result<Self> {
         check_capabilities()?;
+        let ProbeOptions { sizes, withhold: withheld } = options;
+        if !withheld.is_empty() {
+            log::warn!("withheld (test switch): {withheld:?}");
+        }
         let no_btf = |reason: String| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason };
         let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF).map_err(|e| no_btf(e.to_string()))?;
-        let kernel_layout = layout::resolve(&btf, slice_level)?;
+        let resolved = layout::resolve(&btf, slice_level, &withheld);
         // Each parse of the kernel's BTF takes tens of MiB: one at a time keeps the peak down.
         drop(btf);
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
-        let aya_btf = Btf::from_sys_fs().map_err(|e| no_btf(e.to_string()))?;
-        log::debug!("kernel layout: {kernel_layout:?}");
+        log::debug!("kernel layout: {:?}", resolved.layout);
+        for (name, why) in &resolved.missing {
+            log::warn!("kernel BTF: {name}: {why}");
+        }
 
         let mut ebpf = EbpfLoader::new()
-            .override_global("LAYOUT", &kernel_layout, true)
-            .override_global("IO_SYSCALLS", &IO_SYSCALLS, true)
+            .override_global("LAYOUT", &resolved.layout, true)
             .map_max_entries("WORKERS", sizes.workers)
             .load(OBJECT)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
@@ -126,20 +145,30 @@ impl Probes {
                 None
             }
         };
-        for name in PROGRAMS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Btf(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|source| Error::Program { program: name, source })?;
-            program.load(name, &aya_btf).map_err(|source| Error::Program { program: name, source })?;
-            program.attach().map_err(|source| Error::Program { program: name, source })?;
-        }
+        let aya_btf = Btf::from_sys_fs().map_err(|e| no_btf(e.to_string()))?;
+        let programs: Vec<_> = PROGRAMS
+            .into_iter()
+            .map(|name| {
+                let status = match load_program(&mut ebpf, name, &aya_btf, &resolved.missing, &withheld) {
+                    Ok(()) => ProgramStatus::Attached,
+                    Err(why) => {
+                        log::warn!("eBPF program {name} not attached: {why}; the figures that need it are left out");
+                        ProgramStatus::Unavailable(why)
+                    }
+                };
+                (name, status)
+            })
+            .collect();
         // Parsing the kernel's BTF took tens of MiB that are free now; hand them back rather
         // than keep them resident for the daemon's life.
         drop(aya_btf);
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
+        if programs.iter().all(|(_, s)| *s != ProgramStatus::Attached) {
+            let why = programs.iter().map(|(n, s)| format!("{n}: {s:?}")).collect::<Vec<_>>().join("; ");
+            return Err(Error::NoProgram(why));
+        }
+        let availability = Availability::new(&programs, &resolved.missing);
         Ok(Self {
             sizes,
             workers: take_map(&mut ebpf, "WORKERS")?,
@@ -147,12 +176,27 @@ impl Probes {
             stats: take_map(&mut ebpf, "STATS")?,
             events: take_map(&mut ebpf, "EVENTS")?,
             logger,
+            programs,
+            availability,
+            ledger: Ledger::default(),
+            process_counts: HashMap::new(),
+            events_lost: 0,
             ebpf,
         })
     }
 
     pub fn map_sizes(&self) -> MapSizes {
         self.sizes
+    }
+
+    /// Each program, attached or why not.
+    pub fn programs(&self) -> &[(&'static str, ProgramStatus)] {
+        &self.programs
+    }
+
+    /// Which figures the probes measure on this kernel.
+    pub fn availability(&self) -> &Availability {
+        &self.availability
     }
 
     /// Points the probes at a slice (`id` 0: none, count nothing).
@@ -162,6 +206,8 @@ impl Probes {
 
     /// Forgets the counters of a worker whose cgroup is gone.
     pub fn forget(&mut self, worker: u64) -> Result<()> {
+        self.ledger.forget(worker);
+        self.process_counts.remove(&worker);
         match self.workers.remove(&worker) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(Error::Map { map: "WORKERS", source }),
@@ -174,8 +220,8 @@ impl Probes {
         use std::os::fd::{AsFd, AsRawFd};
         self.ebpf
             .programs()
-            .map(|(name, program)| {
-                let fd = program.fd().map_err(|source| Error::Program { program: "stats", source })?;
+            .filter_map(|(name, program)| program.fd().ok().map(|fd| (name, fd)))
+            .map(|(name, fd)| {
                 let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
                 let info = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 let field = |key: &str| {
@@ -190,77 +236,176 @@ impl Probes {
             .collect()
     }
 
-    /// The workers with counters in the kernel (`WORKERS`'s keys).
+    /// The workers with process counts in the kernel (`WORKERS`'s keys).
     pub fn worker_ids(&self) -> Result<Vec<u64>> {
         self.workers.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "WORKERS", source })
     }
 
-    /// The lifecycle events sent since the last call, oldest first; never waits.
-    pub fn drain_events(&mut self) -> Vec<TaskEvent> {
-        let mut events = Vec::new();
-        while let Some(item) = self.events.next() {
-            if item.len() == std::mem::size_of::<TaskEvent>() {
-                // SAFETY: the size matches, TaskEvent is plain old data, and the read is unaligned.
-                events.push(unsafe { item.as_ptr().cast::<TaskEvent>().read_unaligned() });
-            }
-        }
-        events
+    /// Tasks the loader follows between passes.
+    pub fn tasks_followed(&self) -> usize {
+        self.ledger.tasks()
     }
 
-    /// Reads every worker's counters, each with the time its running tasks have not been
-    /// charged for yet, measured against a clock read just before that worker's lookup.
+    /// One pass: the task events since the last pass, then every worker task's counters
+    /// through the iterator, folded into per-worker totals; never waits.
     pub fn read(&mut self) -> Result<KernelReading> {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
-        let map_err = |map| move |source| Error::Map { map, source };
-        let at_ns = monotonic_ns();
-        let mut workers = HashMap::new();
-        for id in self.worker_ids()? {
-            let now = monotonic_ns();
-            let per_cpu = match self.workers.get(&id, 0) {
-                Ok(v) => v,
-                Err(aya::maps::MapError::KeyNotFound) => continue, // forgotten meanwhile
-                Err(source) => return Err(Error::Map { map: "WORKERS", source }),
-            };
-            workers.insert(id, WorkerReading { at_ns: now, counters: sum(per_cpu.iter(), now) });
-        }
-        let stats = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
+        let events = self.drain_events();
+        let stats = self.stats.get(&0, 0).map_err(|source| Error::Map { map: "STATS", source })?;
         let stats = stats.iter().fold(ProbeStats::default(), |a, s| ProbeStats {
             workers_full: a.workers_full + s.workers_full,
             read_errors: a.read_errors + s.read_errors,
             too_deep: a.too_deep + s.too_deep,
             events_lost: a.events_lost + s.events_lost,
         });
-        Ok(KernelReading { at_ns, workers, stats })
+        // Events lost: any worker's process counts may have changed.
+        let lost = std::mem::replace(&mut self.events_lost, stats.events_lost) != stats.events_lost;
+        let changed: HashSet<u64> = match lost {
+            true => self.ledger.totals().keys().chain(self.process_counts.keys()).copied().collect(),
+            false => events.iter().filter(|e| counts_process(e)).map(|e| e.task.worker).collect(),
+        };
+        for worker in changed {
+            match self.workers.get(&worker, 0) {
+                Ok(per_cpu) => {
+                    let sum = per_cpu.iter().fold(ProcessCounts::default(), |a, c| ProcessCounts {
+                        forked: a.forked + c.forked,
+                        execs: a.execs + c.execs,
+                        exited: a.exited + c.exited,
+                    });
+                    self.process_counts.insert(worker, sum);
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(Error::Map { map: "WORKERS", source }),
+            }
+        }
+
+        self.ledger.begin_pass();
+        let at_ns = monotonic_ns();
+        let kernel_ns = if self.availability_of_iterator() { self.iterate()? } else { 0 };
+        self.ledger.end_pass(at_ns);
+        for (&worker, counts) in &self.process_counts {
+            let t = self.ledger.totals_mut(worker);
+            (t.processes_forked, t.execs, t.processes_exited) = (counts.forked, counts.execs, counts.exited);
+        }
+        let workers = self
+            .ledger
+            .totals()
+            .iter()
+            .map(|(&id, &counters)| {
+                let processes_counted = self.process_counts.contains_key(&id);
+                (id, WorkerReading { at_ns, counters, processes_counted })
+            })
+            .collect();
+        let events = events.into_iter().filter(|e| e.kind != TaskEventKind::Free as u32).collect();
+        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events })
+    }
+
+    fn availability_of_iterator(&self) -> bool {
+        self.programs.iter().any(|(n, s)| *n == figures::TASK_COUNTERS && *s == ProgramStatus::Attached)
+    }
+
+    /// The task events since the last call, oldest first, with the counters they carry
+    /// folded into the ledger.
+    fn drain_events(&mut self) -> Vec<TaskEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() != std::mem::size_of::<TaskEvent>() {
+                continue;
+            }
+            // SAFETY: the size matches, TaskEvent is plain old data, and the read is unaligned.
+            let event = unsafe { item.as_ptr().cast::<TaskEvent>().read_unaligned() };
+            match event.kind {
+                k if k == TaskEventKind::Free as u32 => self.ledger.end(&event.task),
+                _ => self.ledger.record(&event.task),
+            }
+            events.push(event);
+        }
+        events
+    }
+
+    /// Runs the task iterator once and folds its records into the ledger; returns the CPU
+    /// time it took this thread, ns.
+    fn iterate(&mut self) -> Result<u64> {
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(figures::TASK_COUNTERS)
+            .ok_or(Error::NoProgram(figures::TASK_COUNTERS.into()))?
+            .try_into()
+            .map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
+        let link = program.attach().map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
+        let link =
+            program.take_link(link).map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
+        let mut file = link.into_file().map_err(|e| Error::Iterator(e.to_string()))?;
+        // Yielding updates this CPU's run-queue clock, which the iterator measures the
+        // scheduler clock against (see `monitor-ebpf`'s `clock_offset`).
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+        let cpu_before = thread_cpu_ns();
+        let mut bytes = Vec::with_capacity(64 * 1024);
+        file.read_to_end(&mut bytes).map_err(|e| Error::Iterator(e.to_string()))?;
+        let kernel_ns = thread_cpu_ns().saturating_sub(cpu_before);
+        const SIZE: usize = std::mem::size_of::<TaskRecord>();
+        for chunk in bytes.chunks_exact(SIZE) {
+            // SAFETY: each chunk is one TaskRecord the program wrote, plain old data.
+            let record = unsafe { chunk.as_ptr().cast::<TaskRecord>().read_unaligned() };
+            self.ledger.record(&record);
+        }
+        Ok(kernel_ns)
     }
 }
 
-/// Sums one worker's per-CPU slots, adding to `cpu_ns` each slot's time since its running
-/// task was last charged. A slot charged after `now` adds nothing: its counters are then
-/// exact as of that charge, a moment after `now`.
-fn sum<'a>(slots: impl Iterator<Item = &'a WorkerCounters>, now: u64) -> WorkerCounters {
-    slots.fold(WorkerCounters::default(), |a, v| {
-        let uncharged = match v.running_since_ns {
-            0 => 0,
-            since => now.saturating_sub(since).min(MAX_UNCHARGED_NS),
-        };
-        WorkerCounters {
-            cpu_ns: a.cpu_ns + v.cpu_ns + uncharged,
-            runq_wait_ns: a.runq_wait_ns + v.runq_wait_ns,
-            runq_waits: a.runq_waits + v.runq_waits,
-            voluntary_switches: a.voluntary_switches + v.voluntary_switches,
-            involuntary_switches: a.involuntary_switches + v.involuntary_switches,
-            syscall_read_bytes: a.syscall_read_bytes + v.syscall_read_bytes,
-            syscall_write_bytes: a.syscall_write_bytes + v.syscall_write_bytes,
-            storage_read_bytes: a.storage_read_bytes + v.storage_read_bytes,
-            storage_write_bytes: a.storage_write_bytes + v.storage_write_bytes,
-            processes_forked: a.processes_forked + v.processes_forked,
-            execs: a.execs + v.execs,
-            processes_exited: a.processes_exited + v.processes_exited,
-            running_since_ns: 0,
+/// Whether an event changes its worker's process counts.
+fn counts_process(e: &TaskEvent) -> bool {
+    e.kind == TaskEventKind::Fork as u32
+        || e.kind == TaskEventKind::Exec as u32
+        || (e.kind == TaskEventKind::Exit as u32 && e.flags & EXIT_PROCESS != 0)
+}
+
+/// Loads and attaches one program, unless this kernel lacks something it needs.
+fn load_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    btf: &Btf,
+    missing: &Missing,
+    withheld: &BTreeSet<String>,
+) -> std::result::Result<(), String> {
+    if withheld.contains(name) {
+        return Err(format!("withheld by {WITHHOLD_ENV}"));
+    }
+    for need in figures::all_needs(name) {
+        if withheld.contains(need) {
+            return Err(format!("{need} withheld by {WITHHOLD_ENV}"));
         }
-    })
+        if let Some(why) = missing.get(need) {
+            return Err(format!("no {need} ({why})"));
+        }
+    }
+    let program = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from the object"))?;
+    let result = match name {
+        figures::TASK_COUNTERS => {
+            let p: &mut Iter = program.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            p.load("task", btf).map_err(|e| e.to_string())
+        }
+        _ => {
+            let p: &mut BtfTracePoint =
+                program.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            p.load(name, btf).and_then(|()| p.attach().map(drop)).map_err(|e| e.to_string())
+        }
+    };
+    result.map_err(|e: String| short_reason(&e))
+}
+
+/// A load error's text, with a verifier log cut to its last two lines, which say why.
+fn short_reason(e: &str) -> String {
+    let mut lines = e.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let rest: Vec<&str> = lines.collect();
+    match rest.len() {
+        0 => first.to_string(),
+        n => format!("{first} … {}", rest[n.saturating_sub(2)..].join(" / ")),
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -274,9 +419,18 @@ where
 }
 
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer; CLOCK_MONOTONIC is the clock bpf_ktime_get_ns() reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -302,31 +456,3 @@ fn check_capabilities() -> Result<()> {
     Err(Error::NotPrivileged { missing })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn slot(cpu_ns: u64, running_since_ns: u64) -> WorkerCounters {
-        WorkerCounters { cpu_ns, running_since_ns, voluntary_switches: 1, ..Default::default() }
-    }
-
-    #[test]
-    fn uncharged_time_of_running_slots_is_added() {
-        let slots = [slot(1_000, 0), slot(2_000, 9_000), slot(3_000, 9_500)];
-        let c = sum(slots.iter(), 10_000);
-        assert_eq!(c.cpu_ns, 1_000 + 2_000 + 1_000 + 3_000 + 500);
-        assert_eq!(c.voluntary_switches, 3);
-        assert_eq!(c.running_since_ns, 0);
-    }
-
-    #[test]
-    fn a_charge_after_the_clock_read_adds_nothing() {
-        assert_eq!(sum([slot(5_000, 10_200)].iter(), 10_000).cpu_ns, 5_000);
-    }
-
-    #[test]
-    fn a_stale_start_adds_at_most_the_cap() {
-        let c = sum([slot(0, 1)].iter(), 1 + 10 * MAX_UNCHARGED_NS);
-        assert_eq!(c.cpu_ns, MAX_UNCHARGED_NS);
-    }
-}

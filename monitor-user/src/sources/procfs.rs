@@ -33,6 +33,28 @@ pub fn boottime_s() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// CPU time of this process, all its threads, user and system, ns.
+pub fn self_cpu_ns() -> Result<u64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Err(Error::io("CLOCK_PROCESS_CPUTIME_ID", std::io::Error::last_os_error()));
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// Resident memory of this process (`/proc/self/statm` field 2), bytes.
+pub fn self_rss_bytes() -> Result<u64> {
+    const PATH: &str = "/proc/self/statm";
+    let text = super::read_small(PATH.as_ref()).map_err(|e| Error::io(PATH, e))?;
+    let pages: u64 = text.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or_else(|| {
+        Error::io(PATH, std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable statm line"))
+    })?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Ok(pages * page)
+}
+
 /// A process's I/O counters (`/proc/<pid>/io`), cumulative over its life and its exited
 /// threads (not its children).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

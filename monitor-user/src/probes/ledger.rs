@@ -1,0 +1,226 @@
+//! Turns the counters of the workers' tasks into per-worker totals. Every task's counters
+//! only grow, and each reading of them (a pass of the task iterator, or the events of its
+//! exit and of its end) is a snapshot: what a task adds between two snapshots goes to the
+//! worker it is in at the second. A task is counted from zero if it was born since the
+//! previous pass, else from when it is first seen (it was there before the monitor, or came
+//! from outside the slice), so nothing that ran outside a worker is counted in it.
+use std::collections::HashMap;
+
+use monitor_common::{TaskCounters, TaskRecord};
+
+/// Cumulative counters of one worker, as the loader keeps them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Nanoseconds on a CPU, running tasks' uncharged time included.
+    pub cpu_ns: u64,
+    /// Nanoseconds runnable but waiting for a CPU, and times a CPU was got.
+    pub runq_wait_ns: u64,
+    pub runq_waits: u64,
+    /// Switches where the task gave up the CPU itself (blocked), and where it was preempted.
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
+    /// Bytes through read- and write-type system calls (`rchar`/`wchar` semantics).
+    pub syscall_read_bytes: u64,
+    pub syscall_write_bytes: u64,
+    /// Bytes read from storage, and bytes dirtied or written directly (`read_bytes`,
+    /// `write_bytes` semantics).
+    pub storage_read_bytes: u64,
+    pub storage_write_bytes: u64,
+    /// Processes forked, programs exec'd, processes ended.
+    pub processes_forked: u64,
+    pub execs: u64,
+    pub processes_exited: u64,
+}
+
+impl WorkerCounters {
+    /// Adds what a task's counters grew by.
+    fn add(&mut self, d: &TaskCounters) {
+        self.cpu_ns += d.cpu_ns;
+        self.runq_wait_ns += d.run_delay_ns;
+        self.runq_waits += d.pcount;
+        self.voluntary_switches += d.nvcsw;
+        self.involuntary_switches += d.nivcsw;
+        self.syscall_read_bytes += d.rchar;
+        self.syscall_write_bytes += d.wchar;
+        self.storage_read_bytes += d.read_bytes;
+        self.storage_write_bytes += d.write_bytes;
+    }
+}
+
+/// Each counter of `new` that is above `old`, by how much, and the larger of each.
+fn growth(old: &TaskCounters, new: &TaskCounters) -> (TaskCounters, TaskCounters) {
+    macro_rules! each {
+        ($($f:ident),*) => {
+            (
+                TaskCounters { $($f: new.$f.saturating_sub(old.$f)),* },
+                TaskCounters { $($f: new.$f.max(old.$f)),* },
+            )
+        };
+    }
+    each!(cpu_ns, run_delay_ns, pcount, nvcsw, nivcsw, rchar, wchar, read_bytes, write_bytes)
+}
+
+/// A task born this long before the previous pass began may still have been missed by it (it
+/// was not yet visible to the iterator): it is counted from zero too.
+const BIRTH_MARGIN_NS: u64 = 50_000_000;
+/// A task neither seen nor ended for this many passes has left the slice, or its end was
+/// lost; it is forgotten.
+const FORGET_AFTER_PASSES: u64 = 3;
+
+struct TaskState {
+    worker: u64,
+    /// What has been counted of it so far.
+    counted: TaskCounters,
+    /// The last pass that saw it.
+    seen: u64,
+}
+
+#[derive(Default)]
+pub struct Ledger {
+    tasks: HashMap<(u32, u64), TaskState>,
+    totals: HashMap<u64, WorkerCounters>,
+    /// CLOCK_MONOTONIC ns the previous pass began; `None` before the first.
+    last_pass_ns: Option<u64>,
+    pass: u64,
+}
+
+impl Ledger {
+    /// Counts a snapshot of a task's counters.
+    pub fn record(&mut self, r: &TaskRecord) {
+        let pass = self.pass;
+        let key = (r.tid, r.start_ns);
+        let counted = match self.tasks.get(&key) {
+            Some(s) => s.counted,
+            None if self.born_since_last_pass(r.start_ns) => TaskCounters::default(),
+            None => r.counters,
+        };
+        let (grown, counted) = growth(&counted, &r.counters);
+        self.totals.entry(r.worker).or_default().add(&grown);
+        self.tasks.insert(key, TaskState { worker: r.worker, counted, seen: pass });
+    }
+
+    /// Counts a task's final counters and forgets it.
+    pub fn end(&mut self, r: &TaskRecord) {
+        self.record(r);
+        self.tasks.remove(&(r.tid, r.start_ns));
+    }
+
+    fn born_since_last_pass(&self, start_ns: u64) -> bool {
+        self.last_pass_ns.is_some_and(|t| start_ns.saturating_add(BIRTH_MARGIN_NS) >= t)
+    }
+
+    /// Starts a pass of the iterator.
+    pub fn begin_pass(&mut self) {
+        self.pass += 1;
+    }
+
+    /// Ends a pass begun at `at_ns`: forgets tasks long unseen.
+    pub fn end_pass(&mut self, at_ns: u64) {
+        let pass = self.pass;
+        self.tasks.retain(|_, s| pass - s.seen < FORGET_AFTER_PASSES);
+        self.last_pass_ns = Some(at_ns);
+    }
+
+    pub fn totals(&self) -> &HashMap<u64, WorkerCounters> {
+        &self.totals
+    }
+
+    pub fn totals_mut(&mut self, worker: u64) -> &mut WorkerCounters {
+        self.totals.entry(worker).or_default()
+    }
+
+    /// Forgets a worker whose cgroup is gone, and its tasks.
+    pub fn forget(&mut self, worker: u64) {
+        self.totals.remove(&worker);
+        self.tasks.retain(|_, s| s.worker != worker);
+    }
+
+    /// Tasks being followed.
+    pub fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(worker: u64, tid: u32, start_ns: u64, cpu_ns: u64) -> TaskRecord {
+        TaskRecord {
+            worker,
+            start_ns,
+            tid,
+            tgid: tid,
+            counters: TaskCounters { cpu_ns, rchar: cpu_ns / 2, ..Default::default() },
+        }
+    }
+
+    fn pass(l: &mut Ledger, at: u64, records: &[TaskRecord]) {
+        l.begin_pass();
+        for r in records {
+            l.record(r);
+        }
+        l.end_pass(at);
+    }
+
+    #[test]
+    fn tasks_present_at_start_count_from_then() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[rec(7, 10, 5, 900)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 0);
+        pass(&mut l, 2_000_000_000, &[rec(7, 10, 5, 1_400)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 500);
+        assert_eq!(l.totals()[&7].syscall_read_bytes, 250);
+    }
+
+    #[test]
+    fn a_task_born_and_ended_between_passes_counts_whole() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[]);
+        l.record(&rec(7, 11, 1_200_000_000, 300)); // its exit
+        l.end(&rec(7, 11, 1_200_000_000, 320)); // its end
+        pass(&mut l, 2_000_000_000, &[]);
+        assert_eq!(l.totals()[&7].cpu_ns, 320);
+        assert_eq!(l.tasks(), 0);
+    }
+
+    #[test]
+    fn a_task_moved_in_from_outside_counts_only_its_growth() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[]);
+        pass(&mut l, 2_000_000_000, &[rec(7, 12, 100, 5_000)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 0);
+        pass(&mut l, 3_000_000_000, &[rec(7, 12, 100, 5_100)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 100);
+    }
+
+    #[test]
+    fn growth_goes_to_the_worker_the_task_is_in_now() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[rec(7, 13, 100, 1_000)]);
+        pass(&mut l, 2_000_000_000, &[rec(8, 13, 100, 1_600)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 0);
+        assert_eq!(l.totals()[&8].cpu_ns, 600);
+    }
+
+    #[test]
+    fn a_reading_below_what_was_counted_adds_nothing_and_is_caught_up() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[rec(7, 14, 100, 1_000)]);
+        pass(&mut l, 2_000_000_000, &[rec(7, 14, 100, 1_050)]); // in-flight estimate
+        pass(&mut l, 3_000_000_000, &[rec(7, 14, 100, 1_040)]); // charged: a bit less
+        assert_eq!(l.totals()[&7].cpu_ns, 50);
+        pass(&mut l, 4_000_000_000, &[rec(7, 14, 100, 1_100)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 100);
+    }
+
+    #[test]
+    fn unseen_tasks_are_forgotten() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[rec(7, 15, 100, 1_000)]);
+        for i in 2..6 {
+            pass(&mut l, i * 1_000_000_000, &[]);
+        }
+        assert_eq!(l.tasks(), 0);
+    }
+}
