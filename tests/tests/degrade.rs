@@ -33,7 +33,9 @@ fn check(case: &Case) {
         SamplerOptions { withhold: BTreeSet::from([case.withhold.to_string()]), ..Default::default() };
     let mut sampler = Sampler::with_options(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap(), options)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let done = cg.dir.join("forks-done");
+    let done = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("hm-degrade-{}-{}", std::process::id(), case.withhold.replace(':', "-")));
+    let _ = std::fs::remove_file(&done);
     let busy = Workload::start(HM_LOAD, &dir, &["duty", "50", "20", "60"]);
     std::thread::sleep(Duration::from_millis(200));
 
@@ -49,6 +51,7 @@ fn check(case: &Case) {
     let (cpu1, sched1) = (cpu_stat_ns(&dir), sched_figures(busy.pid()));
     let forker_io = (proc_field(forker.pid(), "io", "rchar:"), proc_field(forker.pid(), "io", "wchar:"));
     thaw(&dir);
+    let _ = std::fs::remove_file(&done);
 
     let hb = Heartbeat::new(&last, &HiveIdentity { id: "t".into(), hostname: "t".into(), port: 1 }, 1);
     eprintln!("{name}: collector {:?}", hb.collector);

@@ -31,7 +31,8 @@ fn more_workers_than_the_map_holds() {
     let cg = TestCgroup::new("workers_full");
     let mut sampler = sampler(&cg, MapSizes { workers: 3 });
     let dirs: Vec<_> = (0..5).map(|i| cg.mkdir(&format!("rbee.slice/llm/w{i}"))).collect();
-    let done: Vec<_> = (0..5).map(|i| cg.dir.join(format!("done{i}"))).collect();
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let done: Vec<_> = (0..5).map(|i| tmp.join(format!("hm-limits-{}-{i}", std::process::id()))).collect();
     let _loads: Vec<_> = dirs
         .iter()
         .zip(&done)
@@ -44,6 +45,7 @@ fn more_workers_than_the_map_holds() {
     let sample = sampler.sample().unwrap();
     let kernel: Vec<u64> = dirs.iter().map(|d| cpu_stat_ns(d)).collect();
     thaw(&slice);
+    done.iter().for_each(|f| drop(std::fs::remove_file(f)));
 
     assert!(sample.probe_stats.workers_full > 0, "overflow counted");
     let hb = Heartbeat::new(&sample, &identity(), 1);

@@ -32,19 +32,20 @@ pub struct WorkerCounters {
     pub processes_exited: u64,
 }
 
-impl WorkerCounters {
-    /// Adds what a task's counters grew by.
-    fn add(&mut self, d: &TaskCounters) {
-        self.cpu_ns += d.cpu_ns;
-        self.runq_wait_ns += d.run_delay_ns;
-        self.runq_waits += d.pcount;
-        self.voluntary_switches += d.nvcsw;
-        self.involuntary_switches += d.nivcsw;
-        self.syscall_read_bytes += d.rchar;
-        self.syscall_write_bytes += d.wchar;
-        self.storage_read_bytes += d.read_bytes;
-        self.storage_write_bytes += d.write_bytes;
-    }
+/// Applies `f` to each pair of a worker's counter and the task counter it sums.
+macro_rules! pairs {
+    ($w:expr, $t:expr, $f:expr) => {{
+        let (w, t, f) = ($w, $t, $f);
+        f(&mut w.cpu_ns, t.cpu_ns);
+        f(&mut w.runq_wait_ns, t.run_delay_ns);
+        f(&mut w.runq_waits, t.pcount);
+        f(&mut w.voluntary_switches, t.nvcsw);
+        f(&mut w.involuntary_switches, t.nivcsw);
+        f(&mut w.syscall_read_bytes, t.rchar);
+        f(&mut w.syscall_write_bytes, t.wchar);
+        f(&mut w.storage_read_bytes, t.read_bytes);
+        f(&mut w.storage_write_bytes, t.write_bytes);
+    }};
 }
 
 /// Each counter of `new` that is above `old`, by how much, and the larger of each.
@@ -95,14 +96,20 @@ impl Ledger {
             None => r.counters,
         };
         let (grown, counted) = growth(&counted, &r.counters);
-        self.totals.entry(r.worker).or_default().add(&grown);
+        pairs!(self.totals.entry(r.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
         self.tasks.insert(key, TaskState { worker: r.worker, counted, seen: pass });
     }
 
-    /// Counts a task's final counters and forgets it.
+    /// Counts a task's final counters and forgets it. They are exact, unlike a running
+    /// task's uncharged time, which counts scheduler-clock time the kernel does not charge
+    /// (time a hypervisor stole): what was counted beyond them is taken back. A worker's
+    /// total can thus step back by microseconds; the sampler keeps what it reports monotonic.
     pub fn end(&mut self, r: &TaskRecord) {
         self.record(r);
-        self.tasks.remove(&(r.tid, r.start_ns));
+        if let Some(s) = self.tasks.remove(&(r.tid, r.start_ns)) {
+            let (over, _) = growth(&r.counters, &s.counted);
+            pairs!(self.totals.entry(r.worker).or_default(), &over, |w: &mut u64, d: u64| *w = w.saturating_sub(d));
+        }
     }
 
     fn born_since_last_pass(&self, start_ns: u64) -> bool {
@@ -212,6 +219,16 @@ mod tests {
         assert_eq!(l.totals()[&7].cpu_ns, 50);
         pass(&mut l, 4_000_000_000, &[rec(7, 14, 100, 1_100)]);
         assert_eq!(l.totals()[&7].cpu_ns, 100);
+    }
+
+    #[test]
+    fn an_ending_task_takes_back_what_its_uncharged_time_overshot() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[]);
+        l.record(&rec(7, 16, 1_500_000_000, 3_100)); // exit: 100 ns of it stolen, not charged
+        l.end(&rec(7, 16, 1_500_000_000, 3_000));
+        assert_eq!(l.totals()[&7].cpu_ns, 3_000);
+        assert_eq!(l.totals()[&7].syscall_read_bytes, 1_500);
     }
 
     #[test]

@@ -282,8 +282,10 @@ impl Probes {
         }
 
         self.ledger.begin_pass();
-        let at_ns = monotonic_ns();
-        let kernel_ns = if self.availability_of_iterator() { self.iterate()? } else { 0 };
+        let (at_ns, kernel_ns) = match self.availability_of_iterator() {
+            true => self.iterate()?,
+            false => (monotonic_ns(), 0),
+        };
         self.ledger.end_pass(at_ns);
         for (&worker, counts) in &self.process_counts {
             let t = self.ledger.totals_mut(worker);
@@ -325,9 +327,9 @@ impl Probes {
         events
     }
 
-    /// Runs the task iterator once and folds its records into the ledger; returns the CPU
-    /// time it took this thread, ns.
-    fn iterate(&mut self) -> Result<u64> {
+    /// Runs the task iterator once and folds its records into the ledger; returns when it
+    /// started (CLOCK_MONOTONIC ns) and the CPU time it took this thread, ns.
+    fn iterate(&mut self) -> Result<(u64, u64)> {
         let program: &mut Iter = self
             .ebpf
             .program_mut(figures::TASK_COUNTERS)
@@ -342,6 +344,7 @@ impl Probes {
         // scheduler clock against (see `monitor-ebpf`'s `clock_offset`).
         // SAFETY: sched_yield has no preconditions.
         unsafe { libc::sched_yield() };
+        let at_ns = monotonic_ns();
         let cpu_before = thread_cpu_ns();
         let mut bytes = Vec::with_capacity(64 * 1024);
         file.read_to_end(&mut bytes).map_err(|e| Error::Iterator(e.to_string()))?;
@@ -352,7 +355,7 @@ impl Probes {
             let record = unsafe { chunk.as_ptr().cast::<TaskRecord>().read_unaligned() };
             self.ledger.record(&record);
         }
-        Ok(kernel_ns)
+        Ok((at_ns, kernel_ns))
     }
 }
 
