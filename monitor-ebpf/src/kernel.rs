@@ -148,14 +148,19 @@ impl Task {
 
     /// Time a running task has run since its last charge: from its `exec_start` to its run
     /// queue's last clock update, in the run queue's task clock, plus the scheduler clock's
-    /// advance since that update.
+    /// advance since that update. The task clock leaves out time a hypervisor stole (and
+    /// IRQ time, where accounted), which the kernel will not charge either; the advance is
+    /// scaled by the share of its clock the run queue has kept so far, its best estimate.
     #[inline(always)]
     fn uncharged(self, sched_now: u64) -> u64 {
         let Some(rq) = self.run_queue() else { return 0 };
         let exec_start: u64 = self.0.field(layout!(task_exec_start));
         let clock: u64 = rq.field(layout!(rq_clock));
         let clock_task: u64 = rq.field(layout!(rq_clock_task));
-        let t = clock_task.saturating_sub(exec_start) + sched_now.saturating_sub(clock);
+        let advance = sched_now.saturating_sub(clock).min(MAX_UNCHARGED_NS);
+        // Parts per 1024 of the clock the task clock kept.
+        let kept = (clock_task / ((clock >> 10) | 1)).min(1024);
+        let t = clock_task.saturating_sub(exec_start) + (advance * kept >> 10);
         t.min(MAX_UNCHARGED_NS)
     }
 

@@ -27,7 +27,7 @@ fn check(case: &Case) {
     if !bpf_available(&name) {
         return;
     }
-    let cg = TestCgroup::new("degrade");
+    let cg = TestCgroup::new(&format!("degrade-{}", case.withhold.replace([':', '.'], "-")));
     let dir = cg.mkdir("rbee.slice/llm/8080");
     let options =
         SamplerOptions { withhold: BTreeSet::from([case.withhold.to_string()]), ..Default::default() };

@@ -1,6 +1,9 @@
 //! Resolves `KernelLayout` from the running kernel's BTF: the struct field offsets and
 //! tracepoint argument positions the probes use, so nothing kernel-specific is compiled in.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::FromRawFd,
+};
 
 use btf_rs::{Btf, Type};
 use monitor_common::{KernelLayout, MISSING};
@@ -116,6 +119,77 @@ pub const WRITE_BYTES: Member =
 impl Member {
     pub fn name(&self) -> &'static str {
         self.name
+    }
+}
+
+/// `resolve` on the running kernel's BTF, in a child process: the parse takes tens of MiB
+/// for a moment, which then never count in the daemon's own memory. The child sends the
+/// layout and what is missing back through a pipe, and exits.
+pub fn resolve_running_kernel(slice_level: u32, withheld: &BTreeSet<String>) -> Result<Resolved> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the child only parses, writes to the pipe and exits with `_exit`; glibc's
+    // allocator stays usable after fork.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io("fork", std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: fds[1] is this process's write end; fds[0] is not used here.
+            let mut out = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+            let reply = match Btf::from_file(VMLINUX_BTF) {
+                Ok(btf) => encode(&resolve(&btf, slice_level, withheld)),
+                Err(e) => [b"E".as_slice(), e.to_string().as_bytes()].concat(),
+            };
+            let code = i32::from(std::io::Write::write_all(&mut out, &reply).is_err());
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        child => {
+            // SAFETY: both descriptors are ours; the read end is owned by `input` from here.
+            unsafe { libc::close(fds[1]) };
+            let mut input = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+            let mut reply = Vec::new();
+            let read = std::io::Read::read_to_end(&mut input, &mut reply);
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            read.map_err(|e| Error::io("reading the layout from the child", e))?;
+            decode(&reply)
+        }
+    }
+}
+
+/// `Resolved` as bytes: `L`, the layout, then `name\0reason\0` per missing name.
+fn encode(r: &Resolved) -> Vec<u8> {
+    // SAFETY: KernelLayout is repr(C) plain old data of u32s, without padding.
+    let layout = unsafe {
+        std::slice::from_raw_parts((&raw const r.layout).cast::<u8>(), std::mem::size_of::<KernelLayout>())
+    };
+    let mut out = [b"L".as_slice(), layout].concat();
+    for (name, why) in &r.missing {
+        out.extend([name.as_bytes(), b"\0", why.as_bytes(), b"\0"].concat());
+    }
+    out
+}
+
+fn decode(reply: &[u8]) -> Result<Resolved> {
+    let size = std::mem::size_of::<KernelLayout>();
+    match reply.split_first() {
+        Some((b'L', rest)) if rest.len() >= size => {
+            // SAFETY: the child wrote a KernelLayout's bytes; any bit pattern is valid.
+            let layout = unsafe { rest.as_ptr().cast::<KernelLayout>().read_unaligned() };
+            let text = String::from_utf8_lossy(&rest[size..]);
+            let mut parts = text.split('\0');
+            let mut missing = Missing::new();
+            while let (Some(name), Some(why)) = (parts.next(), parts.next()) {
+                missing.insert(name.into(), why.into());
+            }
+            Ok(Resolved { layout, missing })
+        }
+        Some((b'E', why)) => Err(Error::NoBtf { path: VMLINUX_BTF.into(), reason: String::from_utf8_lossy(why).into() }),
+        _ => Err(Error::Btf("the layout child process ended without an answer".into())),
     }
 }
 
@@ -347,6 +421,20 @@ mod tests {
             );
             assert!(r.missing.is_empty(), "{}: missing {:?}", path.display(), r.missing);
         }
+    }
+
+    #[test]
+    fn the_child_process_answers_what_a_parse_here_gives() {
+        let path = std::path::Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("SKIPPED the_child_process_answers_what_a_parse_here_gives: no {VMLINUX_BTF}");
+            return;
+        }
+        let withheld = BTreeSet::from(["task_struct.nvcsw".to_string()]);
+        let child = resolve_running_kernel(3, &withheld).unwrap();
+        let here = resolve(&Btf::from_file(path).unwrap(), 3, &withheld);
+        assert_eq!(child.layout, here.layout);
+        assert_eq!(child.missing, here.missing);
     }
 
     #[test]

@@ -122,21 +122,21 @@ impl Probes {
             log::warn!("withheld (test switch): {withheld:?}");
         }
         let no_btf = |reason: String| Error::NoBtf { path: layout::VMLINUX_BTF.into(), reason };
-        let btf = btf_rs::Btf::from_file(layout::VMLINUX_BTF).map_err(|e| no_btf(e.to_string()))?;
-        let resolved = layout::resolve(&btf, slice_level, &withheld);
-        // Each parse of the kernel's BTF takes tens of MiB: one at a time keeps the peak down.
-        drop(btf);
-        // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
+        let resolved = layout::resolve_running_kernel(slice_level, &withheld)?;
         log::debug!("kernel layout: {:?}", resolved.layout);
         for (name, why) in &resolved.missing {
             log::warn!("kernel BTF: {name}: {why}");
         }
 
+        // The object has no CO-RE relocations (offsets come from `LAYOUT`), so the loader needs
+        // no kernel BTF: dropping the copy `EbpfLoader::new` parsed keeps one parse at a time.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global("LAYOUT", &resolved.layout, true)
             .map_max_entries("WORKERS", sizes.workers)
             .load(OBJECT)?;
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         // The logger owns the log ring buffer: it must live as long as the programs.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
