@@ -95,6 +95,9 @@ pub enum TaskEventKind {
     Exit = 3,
     /// A task is gone (freed after its last switch); its final counters.
     Free = 4,
+    /// A task moved to another cgroup; its counters as of then, and the worker it is in now
+    /// (0: none).
+    Moved = 5,
 }
 
 /// `TaskEvent::flags`: the exiting task was its process's last.
@@ -194,6 +197,8 @@ pub struct KernelLayout {
     pub exit_group_dead: u32,
     /// `sched_process_free(task *p)`
     pub free_task: u32,
+    /// `cgroup_attach_task(cgroup *dst, const char *path, task *task, bool threadgroup)`
+    pub attach_task: u32,
     /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
     pub slice_level: u32,
 }

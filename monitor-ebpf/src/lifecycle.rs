@@ -1,6 +1,6 @@
-//! `sched_process_fork`, `sched_process_exec`, `sched_process_exit`, `sched_process_free`:
-//! a worker's tasks starting, running a new program, and ending. They fire once per task
-//! lifetime, not per switch. Process counts are kept in `WORKERS` (exact); every event goes
+//! `sched_process_fork`, `sched_process_exec`, `sched_process_exit`, `sched_process_free`,
+//! `cgroup_attach_task`: a worker's tasks starting, running a new program, ending, and
+//! moving between cgroups. They fire once per task lifetime (or move), not per switch. Process counts are kept in `WORKERS` (exact); every event goes
 //! to the loader as a `TaskEvent`. An exiting task's counters travel in two events: as of its
 //! exit, while it still runs, and final once it is freed after its last switch; the task
 //! iterator no longer sees it once it is reaped, in between.
@@ -95,5 +95,20 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     // A freed task keeps its cgroups until the very end, and never runs again.
     let Some(worker) = task.worker(slice) else { return 0 };
     emit(&event(TaskEventKind::Free, 0, 0, task.record(worker, None)));
+    0
+}
+
+/// A task moved to another cgroup: its counters now, so what it ran before goes to where it
+/// was (another worker, or nothing: a worker's process is usually started outside and moved
+/// in before it runs its program). Host-wide moves are rare; each is sent, as a task that
+/// leaves the slice is in no worker afterwards. Its CPU time is taken as charged so far,
+/// without the uncharged rest: the kernel charges that to the new cgroup.
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
+    let Some(slice) = slice() else { return 0 };
+    let Some(task) = task_arg::<4>(&ctx, layout!(attach_task)) else { return 0 };
+    // Its v2 cgroup after the move (a v1 move leaves it as it was).
+    let worker = task.worker(slice).unwrap_or(0);
+    emit(&event(TaskEventKind::Moved, 0, 0, task.record(worker, None)));
     0
 }

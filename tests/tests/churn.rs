@@ -21,6 +21,12 @@ fn rss_kib(pid: u32) -> u64 {
     proc_field(pid, "status", "VmRSS:")
 }
 
+/// A worker's process is started outside it and moves itself in; its CPU time up to the
+/// move is left out as of the `cgroup_attach_task` tracepoint, while the kernel gives the
+/// worker what it charges after the move itself, a moment earlier. A preemption between the
+/// two can shift up to the time the process had run since its last charge (here ~0.2 ms).
+const START_SLACK_NS: u64 = 500_000;
+
 #[test]
 fn workers_and_processes_come_and_go() {
     if !bpf_available("churn") {
@@ -74,15 +80,21 @@ fn workers_and_processes_come_and_go() {
         for mut load in loads {
             assert!(load.child.wait().unwrap().success());
         }
-        // Every task of the batch has exited: cpu.stat is final and nothing is in flight.
-        let sample = sampler.sample().unwrap();
+        // Every task of the batch has exited: cpu.stat is final and nothing is in flight. Each
+        // task's final counters come once it is freed, an RCU grace period after it is reaped.
+        let mut sample = sampler.sample().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sampler.probes().unwrap().finals_awaited() > 0 && std::time::Instant::now() < deadline {
+            sample = sampler.sample().unwrap();
+        }
         for dir in &dirs {
             let w = sample.workers.iter().find(|w| w.cgroup.dir == *dir).expect("worker in the sample");
             let (ours, kernel) = (w.counters.cpu_ns, cpu_stat_ns(dir));
             assert!(
-                ours.abs_diff(kernel) <= kernel / 200 + 1000,
-                "{}: {ours} vs cpu.stat {kernel}",
-                dir.display()
+                ours.abs_diff(kernel) <= kernel / 200 + START_SLACK_NS,
+                "{} (id {}): {ours} vs cpu.stat {kernel}",
+                dir.display(),
+                w.cgroup.id
             );
             assert_eq!(w.counters.processes_forked, FORKS_PER_WORKER as u64);
             checked += 1;

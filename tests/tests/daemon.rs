@@ -85,7 +85,7 @@ fn run_prints_one_heartbeat_per_interval() {
         }
         assert_eq!(hb["collector"]["cpu"], "ebpf");
         let programs = hb["collector"]["programs"].as_object().expect("collector.programs");
-        assert_eq!(programs.len(), 5, "{programs:?}");
+        assert_eq!(programs.len(), 6, "{programs:?}");
         assert!(programs.values().all(|s| s == "attached"), "every program attached: {programs:?}");
         assert_eq!(hb["collector"]["missing"], serde_json::json!({}), "no figure left out");
         let own = &hb["collector"]["self"];

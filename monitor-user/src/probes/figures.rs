@@ -11,7 +11,8 @@ pub const FORK: &str = "sched_process_fork";
 pub const EXEC: &str = "sched_process_exec";
 pub const EXIT: &str = "sched_process_exit";
 pub const FREE: &str = "sched_process_free";
-pub const PROGRAMS: [&str; 5] = [TASK_COUNTERS, FORK, EXEC, EXIT, FREE];
+pub const ATTACH: &str = "cgroup_attach_task";
+pub const PROGRAMS: [&str; 6] = [TASK_COUNTERS, FORK, EXEC, EXIT, FREE, ATTACH];
 
 /// Members every program reads to find a task's worker.
 const CORE: [&str; 9] = [
@@ -35,6 +36,7 @@ pub fn program_needs(program: &str) -> &'static [&'static str] {
         EXEC => &[EXEC, "sched_process_exec.p", "helper:bpf_ringbuf_output"],
         EXIT => &[EXIT, "sched_process_exit.p", "helper:bpf_ringbuf_output"],
         FREE => &[FREE, "sched_process_free.p", "helper:bpf_ringbuf_output"],
+        ATTACH => &[ATTACH, "cgroup_attach_task.task", "helper:bpf_ringbuf_output"],
         _ => &[],
     }
 }
@@ -64,9 +66,10 @@ pub enum Figure {
     ProcessesExited,
 }
 
-/// A task's counters are exact only with all three: the iterator for live tasks, and the
-/// exit and free probes for what a task ran between the last pass and its end.
-const TASK_PROGRAMS: &[&str] = &[TASK_COUNTERS, EXIT, FREE];
+/// A task's counters are exact only with all four: the iterator for live tasks, the exit
+/// and free probes for what a task ran between the last pass and its end, and the cgroup
+/// move probe for where its growth belongs when it joins or leaves a worker.
+const TASK_PROGRAMS: &[&str] = &[TASK_COUNTERS, EXIT, FREE, ATTACH];
 
 impl Figure {
     pub const ALL: [Figure; 9] = [

@@ -43,6 +43,7 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
     let exec = r.tracepoint("sched_process_exec");
     let exit = r.tracepoint("sched_process_exit");
     let free = r.tracepoint("sched_process_free");
+    let attach = r.tracepoint("cgroup_attach_task");
     let task = task_ptr();
     let layout = KernelLayout {
         task_pid: r.member(&member("task_struct.pid", "task_struct", &[&["pid"]])),
@@ -79,6 +80,7 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         // Only from 6.16; the thread group leader's exit stands in before. Not missing.
         exit_group_dead: exit.as_ref().and_then(|t| t.nth(&ArgKind::Bool, 0)).unwrap_or(MISSING),
         free_task: r.arg(&free, "sched_process_free.p", &task, 0),
+        attach_task: r.arg(&attach, "cgroup_attach_task.task", &task, 0),
         slice_level,
     };
     let mut missing = r.missing;

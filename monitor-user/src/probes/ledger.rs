@@ -65,11 +65,15 @@ fn growth(old: &TaskCounters, new: &TaskCounters) -> (TaskCounters, TaskCounters
 /// was not yet visible to the iterator): it is counted from zero too.
 const BIRTH_MARGIN_NS: u64 = 50_000_000;
 /// A task neither seen nor ended for this many passes has left the slice, or its end was
-/// lost; it is forgotten.
+/// lost; it is forgotten. One that has exited waits longer for its final counters: they come
+/// an RCU grace period after it is reaped, which can take seconds on a busy host.
 const FORGET_AFTER_PASSES: u64 = 3;
+const FORGET_EXITED_AFTER_PASSES: u64 = 60;
 
 struct TaskState {
     worker: u64,
+    /// It has begun to exit; its final counters are to come.
+    exiting: bool,
     /// What has been counted of it so far.
     counted: TaskCounters,
     /// The last pass that saw it.
@@ -97,7 +101,44 @@ impl Ledger {
         };
         let (grown, counted) = growth(&counted, &r.counters);
         pairs!(self.totals.entry(r.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
-        self.tasks.insert(key, TaskState { worker: r.worker, counted, seen: pass });
+        let exiting = self.tasks.get(&key).is_some_and(|s| s.exiting);
+        self.tasks.insert(key, TaskState { worker: r.worker, exiting, counted, seen: pass });
+    }
+
+    /// A task moved to another cgroup, with its counters then: what it ran before goes to
+    /// the worker it was in (if any), what it runs after to `r.worker` (if any).
+    pub fn moved(&mut self, r: &TaskRecord) {
+        let key = (r.tid, r.start_ns);
+        match self.tasks.get_mut(&key) {
+            Some(s) => {
+                let (grown, counted) = growth(&s.counted, &r.counters);
+                pairs!(self.totals.entry(s.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
+                if r.worker == 0 {
+                    self.tasks.remove(&key);
+                } else {
+                    (s.worker, s.counted) = (r.worker, counted);
+                }
+            }
+            None if r.worker != 0 => {
+                let state = TaskState { worker: r.worker, exiting: false, counted: r.counters, seen: self.pass };
+                self.tasks.insert(key, state);
+            }
+            None => {}
+        }
+    }
+
+    /// Counts a task's counters as it begins to exit; its final ones are to come (`end`).
+    pub fn exit(&mut self, r: &TaskRecord) {
+        self.record(r);
+        if let Some(s) = self.tasks.get_mut(&(r.tid, r.start_ns)) {
+            s.exiting = true;
+        }
+    }
+
+    /// Tasks that have begun to exit, are gone from this pass (reaped) and whose final
+    /// counters have not come yet. A zombie is still in the pass, with final counters.
+    pub fn awaiting_end(&self) -> usize {
+        self.tasks.values().filter(|s| s.exiting && s.seen != self.pass).count()
     }
 
     /// Counts a task's final counters and forgets it. They are exact, unlike a running
@@ -124,7 +165,9 @@ impl Ledger {
     /// Ends a pass begun at `at_ns`: forgets tasks long unseen.
     pub fn end_pass(&mut self, at_ns: u64) {
         let pass = self.pass;
-        self.tasks.retain(|_, s| pass - s.seen < FORGET_AFTER_PASSES);
+        self.tasks.retain(|_, s| {
+            pass - s.seen < if s.exiting { FORGET_EXITED_AFTER_PASSES } else { FORGET_AFTER_PASSES }
+        });
         self.last_pass_ns = Some(at_ns);
     }
 
@@ -184,8 +227,12 @@ mod tests {
     fn a_task_born_and_ended_between_passes_counts_whole() {
         let mut l = Ledger::default();
         pass(&mut l, 1_000_000_000, &[]);
-        l.record(&rec(7, 11, 1_200_000_000, 300)); // its exit
-        l.end(&rec(7, 11, 1_200_000_000, 320)); // its end
+        l.exit(&rec(7, 11, 1_200_000_000, 300));
+        l.begin_pass();
+        assert_eq!(l.awaiting_end(), 1);
+        l.end(&rec(7, 11, 1_200_000_000, 320));
+        assert_eq!(l.awaiting_end(), 0);
+        l.end_pass(1_900_000_000);
         pass(&mut l, 2_000_000_000, &[]);
         assert_eq!(l.totals()[&7].cpu_ns, 320);
         assert_eq!(l.tasks(), 0);
@@ -229,6 +276,21 @@ mod tests {
         l.end(&rec(7, 16, 1_500_000_000, 3_000));
         assert_eq!(l.totals()[&7].cpu_ns, 3_000);
         assert_eq!(l.totals()[&7].syscall_read_bytes, 1_500);
+    }
+
+    #[test]
+    fn a_task_started_outside_and_moved_in_counts_from_the_move() {
+        let mut l = Ledger::default();
+        pass(&mut l, 1_000_000_000, &[]);
+        // Born since the last pass, but outside: 150 ns ran before it joined worker 7.
+        l.moved(&rec(7, 17, 1_100_000_000, 150));
+        pass(&mut l, 2_000_000_000, &[rec(7, 17, 1_100_000_000, 1_150)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 1_000);
+        // Then it moves to worker 8, and out of the slice.
+        l.moved(&rec(8, 17, 1_100_000_000, 1_200));
+        l.moved(&rec(0, 17, 1_100_000_000, 1_500));
+        assert_eq!((l.totals()[&7].cpu_ns, l.totals()[&8].cpu_ns), (1_050, 300));
+        assert_eq!(l.tasks(), 0);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct ProbeOptions {
     pub withhold: BTreeSet<String>,
 }
 
+/// The longest a pass waits for exited tasks' final counters (see `finals_of_the_unseen`).
+const FREE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How many entries the kernel maps hold; what does not fit is counted in `ProbeStats`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -241,6 +244,11 @@ impl Probes {
         self.workers.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "WORKERS", source })
     }
 
+    /// Tasks reaped whose final counters have not come yet (see `finals_of_the_unseen`).
+    pub fn finals_awaited(&self) -> usize {
+        self.ledger.awaiting_end()
+    }
+
     /// Tasks the loader follows between passes.
     pub fn tasks_followed(&self) -> usize {
         self.ledger.tasks()
@@ -252,7 +260,15 @@ impl Probes {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
-        let events = self.drain_events();
+        let mut events = self.drain_events();
+        self.ledger.begin_pass();
+        let (at_ns, kernel_ns) = match self.availability_of_iterator() {
+            true => self.iterate()?,
+            false => (monotonic_ns(), 0),
+        };
+        events.extend(self.finals_of_the_unseen());
+        self.ledger.end_pass(at_ns);
+
         let stats = self.stats.get(&0, 0).map_err(|source| Error::Map { map: "STATS", source })?;
         let stats = stats.iter().fold(ProbeStats::default(), |a, s| ProbeStats {
             workers_full: a.workers_full + s.workers_full,
@@ -280,13 +296,6 @@ impl Probes {
                 Err(source) => return Err(Error::Map { map: "WORKERS", source }),
             }
         }
-
-        self.ledger.begin_pass();
-        let (at_ns, kernel_ns) = match self.availability_of_iterator() {
-            true => self.iterate()?,
-            false => (monotonic_ns(), 0),
-        };
-        self.ledger.end_pass(at_ns);
         for (&worker, counts) in &self.process_counts {
             let t = self.ledger.totals_mut(worker);
             (t.processes_forked, t.execs, t.processes_exited) = (counts.forked, counts.execs, counts.exited);
@@ -300,7 +309,10 @@ impl Probes {
                 (id, WorkerReading { at_ns, counters, processes_counted })
             })
             .collect();
-        let events = events.into_iter().filter(|e| e.kind != TaskEventKind::Free as u32).collect();
+        let events = events
+            .into_iter()
+            .filter(|e| e.kind != TaskEventKind::Free as u32 && e.kind != TaskEventKind::Moved as u32)
+            .collect();
         Ok(KernelReading { at_ns, workers, stats, kernel_ns, events })
     }
 
@@ -320,9 +332,32 @@ impl Probes {
             let event = unsafe { item.as_ptr().cast::<TaskEvent>().read_unaligned() };
             match event.kind {
                 k if k == TaskEventKind::Free as u32 => self.ledger.end(&event.task),
+                k if k == TaskEventKind::Exit as u32 => self.ledger.exit(&event.task),
+                k if k == TaskEventKind::Moved as u32 => self.ledger.moved(&event.task),
                 _ => self.ledger.record(&event.task),
             }
             events.push(event);
+        }
+        events
+    }
+
+    /// Events that bring the final counters of tasks that exited and are gone from this
+    /// pass. They come once the task is freed after an RCU grace period; until then what it
+    /// ran after its exit began (closing files, notifying its parent: ~0.1 ms) is missing.
+    /// Waits for them up to `FREE_WAIT`; later ones count in the next pass.
+    fn finals_of_the_unseen(&mut self) -> Vec<TaskEvent> {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + FREE_WAIT;
+        let mut events = self.drain_events();
+        while self.ledger.awaiting_end() > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut fd = libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd; a failed or timed-out poll only ends the wait sooner.
+            unsafe { libc::poll(&mut fd, 1, left.as_millis().max(1) as i32) };
+            events.extend(self.drain_events());
         }
         events
     }
