@@ -1099,3 +1099,41 @@ fn kernel_time(args: &Args) -> Value {
     drop(sleepers);
     json!(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(line: &str, run_ns: u64) -> Beat {
+        Beat {
+            at: Instant::now(),
+            cpu_ns: 0,
+            bpf: Some(BpfRun { run_ns, runs: 1, programs: 1 }),
+            self_cost: serde_json::from_str::<Value>(line).ok().as_ref().and_then(self_cost),
+        }
+    }
+
+    #[test]
+    fn kernel_time_prefers_collector_self() {
+        let with = r#"{"collector":{"self":{"cpu_s":0.01,"rss_bytes":1e7,"kernel_s":0.002}}}"#;
+        let beats = [beat(with, 0), beat(with, 5_000_000), beat(with, 10_000_000)];
+        let (ms, source, per) = kernel_ms_per_sample(&beats);
+        assert_eq!((ms, source, per.len()), (Some(2.0), "collector.self.kernel_s", 3));
+        assert_eq!(self_summary(&beats)["kernel_s_median"], json!(0.002));
+    }
+
+    #[test]
+    fn kernel_time_falls_back_to_bpf_run_time() {
+        let without = r#"{"collector":{"cpu":"bpf"}}"#;
+        let beats = [beat(without, 0), beat(without, 1_000_000), beat(without, 4_000_000)];
+        let (ms, source, per) = kernel_ms_per_sample(&beats);
+        assert_eq!((ms, source, per), (Some(2.0), "bpf_stats run_time_ns (fdinfo)", vec![1.0, 3.0]));
+        assert_eq!(self_summary(&beats), Value::Null);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
