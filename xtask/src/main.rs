@@ -67,6 +67,10 @@ fn xtask(cli: Cli) -> Result<()> {
             run(Command::new(daemon).args(args))
         }
         Cmd::Bench => {
+            // perf, hackbench, nginx, wrk; without them hm-bench skips those workloads, saying so.
+            if let Err(e) = run(Command::new("bash").arg(root.join("scripts/bench-deps"))) {
+                eprintln!("xtask: {e:#}");
+            }
             run(Command::new(cargo()).current_dir(&root).args([
                 "build",
                 "--release",

@@ -3,15 +3,26 @@
 //!
 //!   hm-bench --daemon BIN --load BIN --out FILE --scratch DIR
 //!
-//! Every cgroup it makes is below its own (`TestCgroup`) and removed before it exits.
+//! Every cgroup it makes is below its own (`TestCgroup`) and removed before it exits, also when
+//! it fails. Network load stays on 127.0.0.1. No figure fails it: it reports.
+//!
+//! The host-cost workloads use Debian's perf (`perf bench sched pipe`), hackbench (rt-tests),
+//! nginx and wrk, which `scripts/bench-deps` installs; a workload whose tool is missing is
+//! reported as skipped.
+//!
+//!   hm-bench threads N SECS    (internal) N threads asleep for SECS: the host's many tasks
 use std::{
+    collections::HashSet,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use hive_monitor_tests::{command_in, cpu_stat_ns, freeze, proc_field, thaw, TestCgroup, Workload};
+use hive_monitor_tests::{
+    command_in, cpu_stat_ns, free_port, freeze, proc_field, thaw, TestCgroup, Workload,
+};
 use monitor_user::{
     probes::ProgramStats,
     sampler::{Sampler, WorkerSample},
@@ -19,12 +30,23 @@ use monitor_user::{
 };
 use serde_json::{json, Value};
 
-const STORM_ROUNDS: usize = 7;
-const STORM_MS: u64 = 2000;
 const DAEMON_WORKERS: [usize; 3] = [10, 100, 1000];
 /// Heartbeats at 1 Hz per daemon run; the first two (start-up) are left out of the cost.
 const DAEMON_BEATS: usize = 14;
 const MIB: u64 = 1 << 20;
+/// Rounds of each condition in the host-cost A/B, without and with the daemon alternating.
+const HOST_ROUNDS: usize = 5;
+/// Seconds one round of `perf bench sched pipe` should take; its loop count is sized to it.
+const PIPE_ROUND_S: f64 = 2.0;
+const HACKBENCH_ARGS: [&str; 4] = ["-g", "4", "-l", "1000"];
+const WRK_ARGS: [&str; 3] = ["-t2", "-c32", "-d3s"];
+/// The worker the inside-the-slice workloads run in, below the slice.
+const HOST_WORKER: &str = "llm/8080";
+/// Sleeping tasks started for the kernel-time figure: processes × threads.
+const SLEEPER_PROCS: usize = 100;
+const SLEEPER_THREADS: usize = 100;
+/// Heartbeats each kernel-time measurement reads after the first two.
+const KERNEL_BEATS: usize = 8;
 
 struct Args {
     daemon: String,
@@ -37,6 +59,11 @@ fn args() -> Args {
     let mut a = std::env::args().skip(1);
     let (mut daemon, mut load, mut out, mut scratch) = (None, None, None, None);
     while let Some(flag) = a.next() {
+        if flag == "threads" {
+            let n = a.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+            let secs = a.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+            sleep_threads(n, secs);
+        }
         let value = a.next().unwrap_or_else(|| usage());
         match flag.as_str() {
             "--daemon" => daemon = Some(value),
@@ -57,21 +84,41 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// `hm-bench threads N SECS`: N threads (this one included) asleep for SECS, then exit; also
+/// when the bench that started it dies.
+fn sleep_threads(n: usize, secs: u64) -> ! {
+    // SAFETY: plain prctl; the parent is the bench.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    for _ in 1..n {
+        std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || std::thread::sleep(Duration::from_secs(secs)))
+            .expect("start a sleeping thread");
+    }
+    std::thread::sleep(Duration::from_secs(secs));
+    std::process::exit(0)
+}
+
 fn main() {
-    let args = args();
+    let mut args = args();
     std::fs::create_dir_all(&args.scratch).expect("scratch directory");
+    // nginx takes its prefix and configuration as absolute paths.
+    args.scratch = std::fs::canonicalize(&args.scratch).expect("scratch directory");
     let started = Instant::now();
-    let report = json!({
-        "ebpf_cost": ebpf_cost(&args),
-        "storm": storm(&args),
-        "daemon": daemon_cost(&args),
-        "cpu_accuracy": cpu_accuracy(&args),
-        "io_accuracy": io_accuracy(&args),
-        "seconds": started.elapsed().as_secs(),
-    });
+    let mut report = json!({});
+    let mut section = |name: &str, value: Value| {
+        report[name] = value;
+        println!("   [{} s so far]", started.elapsed().as_secs());
+    };
+    section("ebpf_cost", ebpf_cost(&args));
+    section("host_cost", host_cost(&args));
+    section("kernel_time", kernel_time(&args));
+    section("daemon", daemon_cost(&args));
+    section("cpu_accuracy", cpu_accuracy(&args));
+    section("io_accuracy", io_accuracy(&args));
+    report["seconds"] = json!(started.elapsed().as_secs());
     let left = leftover_cgroups();
     println!("\ncgroups left behind: {left}; took {} s", started.elapsed().as_secs());
-    let mut report = report;
     report["cgroups_left"] = json!(left);
     std::fs::write(&args.out, serde_json::to_string_pretty(&report).unwrap()).expect("write the report");
     println!("figures written to {}", args.out.display());
@@ -98,7 +145,7 @@ fn pingpong(load: &str, cgroup: Option<&Path>, ms: u64) -> f64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().expect("round trips per second")
 }
 
-/// This process's own v2 cgroup directory: a storm run "outside the slice" stays in it.
+/// This process's own v2 cgroup directory: a load run "outside the slice" stays in it.
 fn own_v2_dir() -> PathBuf {
     let root = monitor_user::sources::cgroup::detect_root().expect("cgroup2 root");
     let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
@@ -170,40 +217,6 @@ fn ebpf_cost(args: &Args) -> Value {
     json!(out)
 }
 
-fn stats(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(|a, b| a.total_cmp(b));
-    (values[0], values[values.len() / 2], values[values.len() - 1])
-}
-
-fn storm(args: &Args) -> Value {
-    println!("\n== Context-switch storm: pipe ping-pong round trips/s, {STORM_ROUNDS} alternating rounds of {STORM_MS} ms");
-    let cg = TestCgroup::new("bench_storm");
-    let worker = cg.mkdir("rbee.slice/bench/storm");
-    let (mut none, mut watching, mut inside) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..STORM_ROUNDS {
-        none.push(pingpong(&args.load, None, STORM_MS));
-        let sampler = slice_sampler(&cg);
-        watching.push(pingpong(&args.load, None, STORM_MS));
-        inside.push(pingpong(&args.load, Some(&worker), STORM_MS));
-        drop(sampler);
-    }
-    let (a, b, c) = (stats(&mut none), stats(&mut watching), stats(&mut inside));
-    println!("{:<40} {:>10} {:>10} {:>10} {:>12}", "condition", "min", "median", "max", "vs without");
-    let mut out = Vec::new();
-    for (name, s) in [
-        ("without the monitor", a),
-        ("monitor attached, storm outside slice", b),
-        ("storm inside the slice", c),
-    ] {
-        let ratio = s.1 / a.1;
-        println!("{name:<40} {:>10.0} {:>10.0} {:>10.0} {:>11.1}%", s.0, s.1, s.2, (ratio - 1.0) * 100.0);
-        out.push(
-            json!({ "condition": name, "min": s.0, "median": s.1, "max": s.2, "median_vs_without": ratio }),
-        );
-    }
-    json!(out)
-}
-
 /// On-CPU ns of all of a process's threads (`/proc/<pid>/task/*/schedstat`).
 fn process_cpu_ns(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -223,12 +236,23 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 fn daemon_cost(args: &Args) -> Value {
     println!("\n== Daemon at 1 Hz: workers are cgroups with one sleeping process each");
-    println!("   (RSS after 12 heartbeats; peak is VmHWM, reached while parsing the kernel's BTF at start)");
+    println!("   (RSS after 12 heartbeats; peak is VmHWM, reached while parsing the kernel's BTF at start;");
+    println!("    kernel ms/sample from collector.self.kernel_s where the heartbeat has it, else the BPF");
+    println!("    programs' run_time_ns over the same heartbeats, with kernel.bpf_stats_enabled=1)");
     println!(
-        "{:>8} {:>11} {:>8} {:>9} {:>13} {:>15} {:>15}",
-        "workers", "CPU % core", "RSS MiB", "peak MiB", "heartbeat KB", "latency p50 us", "latency p99 us"
+        "{:>8} {:>11} {:>8} {:>9} {:>13} {:>15} {:>15} {:>17}",
+        "workers",
+        "CPU % core",
+        "RSS MiB",
+        "peak MiB",
+        "heartbeat KB",
+        "latency p50 us",
+        "latency p99 us",
+        "kernel ms/sample"
     );
+    let _stats = BpfStats::enable();
     let mut out = Vec::new();
+    let mut sources = HashSet::new();
     for n in DAEMON_WORKERS {
         let cg = TestCgroup::new(&format!("bench_daemon_{n}"));
         cg.mkdir("rbee.slice");
@@ -259,9 +283,18 @@ fn daemon_cost(args: &Args) -> Value {
                 .collect::<Vec<u64>>()
         });
         let (mut first, mut last, mut size, mut peak, mut rss) = (None, None, 0, 0.0, 0.0);
+        let mut beats = Vec::new();
         for (i, line) in BufReader::new(daemon.stdout.take().unwrap()).lines().enumerate() {
             let line = line.expect("daemon output");
             size = line.len();
+            if (1..=DAEMON_BEATS - 2).contains(&i) {
+                beats.push(Beat {
+                    at: Instant::now(),
+                    cpu_ns: process_cpu_ns(pid),
+                    bpf: bpf_run(pid),
+                    self_cost: serde_json::from_str::<Value>(&line).ok().as_ref().and_then(self_cost),
+                });
+            }
             if i == 1 {
                 first = Some((Instant::now(), process_cpu_ns(pid)));
             }
@@ -278,13 +311,25 @@ fn daemon_cost(args: &Args) -> Value {
         let mut lat = latencies.join().unwrap();
         lat.sort_unstable();
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+        // The first of `beats` only opens the interval the others close.
+        let (kernel_ms, source, _) = kernel_ms_per_sample(if beats.iter().all(|b| b.self_cost.is_some()) {
+            &beats[1..]
+        } else {
+            &beats
+        });
+        sources.insert(source);
+        let own = self_summary(&beats[1..]);
         println!(
-            "{n:>8} {cpu_pct:>11.2} {rss:>8.1} {peak:>9.1} {:>13.1} {p50:>15} {p99:>15}",
-            size as f64 / 1000.0
+            "{n:>8} {cpu_pct:>11.2} {rss:>8.1} {peak:>9.1} {:>13.1} {p50:>15} {p99:>15} {:>17}",
+            size as f64 / 1000.0,
+            kernel_ms.map_or("n/a".into(), |m| format!("{m:.3}"))
         );
         out.push(json!({ "workers": n, "cpu_pct_of_core": cpu_pct, "rss_mib": rss, "peak_rss_mib": peak,
-                         "heartbeat_bytes": size, "latency_us": { "p50": p50, "p99": p99, "samples": lat.len() } }));
+                         "heartbeat_bytes": size, "latency_us": { "p50": p50, "p99": p99, "samples": lat.len() },
+                         "kernel_ms_per_sample": kernel_ms, "kernel_source": source, "collector_self": own }));
     }
+    let sources: Vec<_> = sources.into_iter().collect();
+    println!("   kernel figure from: {}", sources.join(", "));
     json!(out)
 }
 
@@ -414,4 +459,681 @@ fn leftover_cgroups() -> usize {
     std::fs::read_dir(own_v2_dir())
         .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).count())
         .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon as a child: started attached to a test slice, its heartbeats read as they come.
+
+/// The daemon's BPF programs' run time and count, summed over the programs it holds open
+/// (`/proc/<pid>/fdinfo/*`, one per program id); counted only while `bpf_stats_enabled` is 1.
+#[derive(Clone, Copy, Default, Debug)]
+struct BpfRun {
+    run_ns: u64,
+    runs: u64,
+    programs: usize,
+}
+
+fn bpf_run(pid: u32) -> Option<BpfRun> {
+    let mut seen = HashSet::new();
+    let mut total = BpfRun::default();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(fd.path()) else { continue };
+        let field = |key: &str| {
+            text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(ns), Some(runs)) = (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        else {
+            continue;
+        };
+        if seen.insert(id) {
+            total.run_ns += ns;
+            total.runs += runs;
+            total.programs += 1;
+        }
+    }
+    (total.programs > 0).then_some(total)
+}
+
+/// `collector.self` of a heartbeat, where the daemon reports its own cost.
+#[derive(Clone, Copy, Debug)]
+struct SelfCost {
+    cpu_s: Option<f64>,
+    rss_bytes: Option<f64>,
+    kernel_s: Option<f64>,
+}
+
+fn self_cost(beat: &Value) -> Option<SelfCost> {
+    let s = beat.get("collector")?.get("self")?;
+    s.is_object().then(|| SelfCost {
+        cpu_s: s.get("cpu_s").and_then(Value::as_f64),
+        rss_bytes: s.get("rss_bytes").and_then(Value::as_f64),
+        kernel_s: s.get("kernel_s").and_then(Value::as_f64),
+    })
+}
+
+/// Medians of the `collector.self` figures over `beats`, or null where the daemon sends none.
+fn self_summary(beats: &[Beat]) -> Value {
+    let own: Vec<SelfCost> = beats.iter().filter_map(|b| b.self_cost).collect();
+    if own.is_empty() {
+        return Value::Null;
+    }
+    let pick = |f: fn(&SelfCost) -> Option<f64>| {
+        let v: Vec<f64> = own.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&v))
+    };
+    json!({ "cpu_s_median": pick(|s| s.cpu_s), "rss_bytes_median": pick(|s| s.rss_bytes),
+            "kernel_s_median": pick(|s| s.kernel_s), "heartbeats": own.len() })
+}
+
+/// One heartbeat as the reader saw it arrive.
+struct Beat {
+    at: Instant,
+    /// The daemon's on-CPU ns, all threads, when the line arrived.
+    cpu_ns: u64,
+    bpf: Option<BpfRun>,
+    self_cost: Option<SelfCost>,
+}
+
+/// `hive-monitor run` attached to `<test cgroup>/rbee.slice` at 1 Hz; stopped with SIGTERM (then
+/// killed) when dropped. Its log goes to `<scratch>/daemon-<name>.log`.
+struct Daemon {
+    child: Child,
+    beats: mpsc::Receiver<Beat>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(args: &Args, cg: &TestCgroup, name: &str) -> Self {
+        let log = args.scratch.join(format!("daemon-{name}.log"));
+        let root = cg.root.to_string_lossy().into_owned();
+        let mut child = Command::new(&args.daemon)
+            .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "1s"])
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("daemon log"))
+            .spawn()
+            .expect("start the daemon");
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, beats) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let at = Instant::now();
+                let (cpu_ns, bpf) = (process_cpu_ns(pid), bpf_run(pid));
+                let self_cost = serde_json::from_str::<Value>(&line).ok().as_ref().and_then(self_cost);
+                if tx.send(Beat { at, cpu_ns, bpf, self_cost }).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, beats, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next heartbeat; panics (the test cgroups are removed as it unwinds) if none comes.
+    fn next(&self) -> Beat {
+        self.beats.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("no heartbeat from the daemon within 30 s; its log:\n{log}")
+        })
+    }
+
+    /// Waits for the first heartbeat: the probes are attached.
+    fn ready(self) -> Self {
+        self.next();
+        self
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
+    }
+}
+
+/// Sends `signal`, waits up to `grace` for the exit, then kills; always reaps.
+fn stop_child(child: &mut Child, signal: i32, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    // SAFETY: a child of ours, not yet reaped, so the pid is still its own.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Kernel-side milliseconds per sample over heartbeats `beats` (each one sample): the daemon's
+/// own `collector.self.kernel_s` where every heartbeat has it, else the BPF programs' run time
+/// between consecutive heartbeats. Returns (median ms, where it came from, per-sample values).
+fn kernel_ms_per_sample(beats: &[Beat]) -> (Option<f64>, &'static str, Vec<f64>) {
+    let own: Vec<f64> =
+        beats.iter().filter_map(|b| b.self_cost.and_then(|s| s.kernel_s)).map(|s| s * 1e3).collect();
+    if !beats.is_empty() && own.len() == beats.len() {
+        return (Some(median(&own)), "collector.self.kernel_s", own);
+    }
+    let per: Vec<f64> = beats
+        .windows(2)
+        .filter_map(|w| Some((w[1].bpf?.run_ns.saturating_sub(w[0].bpf?.run_ns)) as f64 / 1e6))
+        .collect();
+    if per.is_empty() {
+        return (None, "unavailable", per);
+    }
+    (Some(median(&per)), "bpf_stats run_time_ns (fdinfo)", per)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The monitor's cost to the host: real workloads without and with the daemon, alternating.
+
+#[derive(Clone, Copy, PartialEq)]
+enum Place {
+    /// A test cgroup that is not under the slice.
+    Outside,
+    /// The worker `<slice>/llm/8080`.
+    Inside,
+}
+
+impl Place {
+    fn name(self) -> &'static str {
+        match self {
+            Place::Outside => "outside the slice",
+            Place::Inside => "inside a worker",
+        }
+    }
+    /// Lowest ratio with/without the monitor aimed for.
+    fn target(self) -> f64 {
+        match self {
+            Place::Outside => 0.99,
+            Place::Inside => 0.98,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// `perf bench sched pipe -l N`, both ends pinned to one CPU.
+    PerfPipe(u64),
+    /// `hm-load pingpong MS`, when perf cannot run.
+    PingPong(u64),
+    Hackbench,
+    Http,
+}
+
+impl Load {
+    fn name(self) -> String {
+        match self {
+            Load::PerfPipe(n) => format!("perf bench sched pipe -l {n}"),
+            Load::PingPong(ms) => format!("hm-load pingpong {ms} (perf fallback)"),
+            Load::Hackbench => format!("hackbench {}", HACKBENCH_ARGS.join(" ")),
+            Load::Http => format!("nginx + wrk {}", WRK_ARGS.join(" ")),
+        }
+    }
+    fn unit(self) -> &'static str {
+        match self {
+            Load::PerfPipe(_) => "ops/s",
+            Load::PingPong(_) => "round trips/s",
+            Load::Hackbench => "runs/s",
+            Load::Http => "requests/s",
+        }
+    }
+    fn short(self) -> &'static str {
+        match self {
+            Load::PerfPipe(_) | Load::PingPong(_) => "pipe ping-pong",
+            Load::Hackbench => "hackbench",
+            Load::Http => "nginx/wrk",
+        }
+    }
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin", "/usr/local/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+/// The first CPU this process may run on: where the pipe ping-pong is pinned.
+fn first_cpu() -> usize {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            if let Some(cpu) = (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)) {
+                return cpu;
+            }
+        }
+    }
+    0
+}
+
+/// `perf bench sched pipe -l loops` in `cgroup`, pinned to `cpu`: (ops/s, seconds), or why not.
+fn perf_pipe(perf: &Path, cgroup: &Path, loops: u64, cpu: usize) -> Result<(f64, f64), String> {
+    let mut cmd =
+        command_in(perf.to_str().unwrap(), &[cgroup], &["bench", "sched", "pipe", "-l", &loops.to_string()]);
+    // SAFETY: sched_setaffinity is a plain system call, safe between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run perf: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("perf exited {}: {}{}", out.status, text, String::from_utf8_lossy(&out.stderr)));
+    }
+    let number = |suffix: &str| {
+        text.lines().find_map(|l| {
+            let l = l.trim();
+            l.strip_suffix(suffix)
+                .and_then(|v| v.trim().trim_start_matches("Total time:").trim().parse::<f64>().ok())
+        })
+    };
+    match (number("ops/sec"), number("[sec]")) {
+        (Some(ops), Some(secs)) if ops > 0.0 => Ok((ops, secs)),
+        _ => Err(format!("no ops/sec in perf's output: {text}")),
+    }
+}
+
+/// `hackbench -g 4 -l 1000` in `cgroup`: runs per second (1 / its time).
+fn hackbench(exe: &Path, cgroup: &Path) -> Result<f64, String> {
+    let out = command_in(exe.to_str().unwrap(), &[cgroup], &HACKBENCH_ARGS)
+        .output()
+        .map_err(|e| format!("cannot run hackbench: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("hackbench exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    let secs = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Time:")?.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("no Time: in hackbench's output: {text}"))?;
+    Ok(1.0 / secs)
+}
+
+/// Debian's nginx in the foreground, with a private prefix and configuration under the
+/// scratch directory, serving a small static file on 127.0.0.1:port; stopped (SIGTERM to the
+/// master, which ends its workers) when dropped.
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(exe: &Path, scratch: &Path, cgroup: &Path) -> Result<Self, String> {
+        let prefix = scratch.join("nginx");
+        for dir in ["www", "logs", "tmp"] {
+            std::fs::create_dir_all(prefix.join(dir)).map_err(|e| format!("nginx prefix: {e}"))?;
+        }
+        let page: String = (0..612).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        std::fs::write(prefix.join("www/index.html"), page).map_err(|e| format!("nginx page: {e}"))?;
+        let port = free_port();
+        let p = prefix.display();
+        let conf = format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {p}/nginx.pid;\n\
+             error_log {p}/logs/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  \
+             fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n  \
+             server {{ listen 127.0.0.1:{port}; root {p}/www; }}\n}}\n"
+        );
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf).map_err(|e| format!("nginx.conf: {e}"))?;
+        let args = [
+            "-p",
+            prefix.to_str().unwrap(),
+            "-c",
+            conf_path.to_str().unwrap(),
+            "-e",
+            &format!("{p}/logs/error.log"),
+        ];
+        let child = command_in(exe.to_str().unwrap(), &[cgroup], &args)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nginx: {e}"))?;
+        let mut nginx = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(nginx);
+            }
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                let log = std::fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default();
+                return Err(format!("nginx exited {status}: {log}"));
+            }
+            if Instant::now() > deadline {
+                return Err("nginx did not listen within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
+    }
+}
+
+/// wrk against a fresh nginx in `cgroup`, wrk itself in the bench's own cgroup (outside the
+/// slice): requests per second.
+fn http(nginx: &Path, wrk: &Path, scratch: &Path, cgroup: &Path) -> Result<f64, String> {
+    let server = Nginx::start(nginx, scratch, cgroup)?;
+    let url = format!("http://127.0.0.1:{}/index.html", server.port);
+    let out =
+        Command::new(wrk).args(WRK_ARGS).arg(&url).output().map_err(|e| format!("cannot run wrk: {e}"))?;
+    drop(server);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("wrk exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    if let Some(errors) = text.lines().find(|l| l.contains("Non-2xx")) {
+        return Err(format!("nginx answered errors: {}", errors.trim()));
+    }
+    if let Some(errors) = text.lines().find(|l| l.contains("Socket errors")) {
+        eprintln!("   wrk: {} (the round is kept)", errors.trim());
+    }
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:")?.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("no Requests/sec in wrk's output: {text}"))
+}
+
+struct Tools {
+    perf: Option<PathBuf>,
+    hackbench: Option<PathBuf>,
+    nginx: Option<PathBuf>,
+    wrk: Option<PathBuf>,
+}
+
+fn run_load(args: &Args, tools: &Tools, load: Load, cgroup: &Path, cpu: usize) -> Result<f64, String> {
+    match load {
+        Load::PerfPipe(loops) => perf_pipe(tools.perf.as_deref().unwrap(), cgroup, loops, cpu).map(|r| r.0),
+        Load::PingPong(ms) => Ok(pingpong(&args.load, Some(cgroup), ms)),
+        Load::Hackbench => hackbench(tools.hackbench.as_deref().unwrap(), cgroup),
+        Load::Http => {
+            http(tools.nginx.as_deref().unwrap(), tools.wrk.as_deref().unwrap(), &args.scratch, cgroup)
+        }
+    }
+}
+
+/// One workload at one place: its throughput in every round, without and with the daemon.
+struct HostCase {
+    load: Load,
+    place: Place,
+    without: Vec<f64>,
+    with: Vec<f64>,
+    errors: Vec<String>,
+}
+
+fn host_cost(args: &Args) -> Value {
+    println!(
+        "\n== Cost to the host: throughput without and with `hive-monitor run` attached to the slice,\n   \
+         {HOST_ROUNDS} rounds each, alternating; ratio = median with / median without"
+    );
+    let tools =
+        Tools { perf: tool("perf"), hackbench: tool("hackbench"), nginx: tool("nginx"), wrk: tool("wrk") };
+    let cg = TestCgroup::new("bench_host");
+    cg.mkdir("rbee.slice");
+    let inside = cg.mkdir(&format!("rbee.slice/{HOST_WORKER}"));
+    let outside = cg.mkdir("outside");
+    let cpu = first_cpu();
+    let mut notes = Vec::new();
+
+    // The pipe ping-pong: perf's, with the loop count sized for PIPE_ROUND_S (the calibration
+    // run is also the warm-up), or hm-load's when perf cannot run here.
+    let pipe = match &tools.perf {
+        Some(perf) => match perf_pipe(perf, &outside, 200_000, cpu) {
+            Ok((ops, _)) => {
+                let loops =
+                    ((ops * PIPE_ROUND_S / 10_000.0).round() as u64 * 10_000).clamp(50_000, 10_000_000);
+                Load::PerfPipe(loops)
+            }
+            Err(e) => {
+                notes.push(format!("perf bench sched pipe refused ({e}); the pipe ping-pong is hm-load's"));
+                Load::PingPong((PIPE_ROUND_S * 1000.0) as u64)
+            }
+        },
+        None => {
+            notes.push("perf is not installed (scripts/bench-deps); the pipe ping-pong is hm-load's".into());
+            Load::PingPong((PIPE_ROUND_S * 1000.0) as u64)
+        }
+    };
+    let mut loads = vec![pipe];
+    if tools.hackbench.is_some() {
+        loads.push(Load::Hackbench);
+    } else {
+        notes.push("hackbench is not installed (rt-tests, scripts/bench-deps): skipped".into());
+    }
+    if tools.nginx.is_some() && tools.wrk.is_some() {
+        loads.push(Load::Http);
+    } else {
+        notes.push("nginx or wrk is not installed (scripts/bench-deps): the HTTP load is skipped".into());
+    }
+    for note in &notes {
+        println!("   note: {note}");
+    }
+    println!(
+        "   pipe ping-pong: both ends pinned to CPU {cpu}; wrk runs outside the slice; nginx where shown"
+    );
+
+    let mut cases: Vec<HostCase> = loads
+        .iter()
+        .flat_map(|&load| {
+            [Place::Outside, Place::Inside].map(|place| HostCase {
+                load,
+                place,
+                without: Vec::new(),
+                with: Vec::new(),
+                errors: Vec::new(),
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for round in 0..HOST_ROUNDS {
+        // ABBA: odd rounds start with the daemon, so a drift of the host weighs on both alike.
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for monitored in order {
+            let daemon = monitored.then(|| Daemon::start(args, &cg, "host").ready());
+            for case in &mut cases {
+                let dir = if case.place == Place::Inside { &inside } else { &outside };
+                match run_load(args, &tools, case.load, dir, cpu) {
+                    Ok(v) if monitored => case.with.push(v),
+                    Ok(v) => case.without.push(v),
+                    Err(e) => {
+                        eprintln!("   {} {}: {e}", case.load.short(), case.place.name());
+                        case.errors.push(e);
+                    }
+                }
+            }
+            drop(daemon);
+        }
+        println!("   round {}/{HOST_ROUNDS} done ({} s)", round + 1, started.elapsed().as_secs());
+    }
+
+    println!(
+        "\n| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} |",
+        "workload", "where", "without (median)", "with (median)", "ratio", "target", "meets"
+    );
+    println!("|{:-<40}|{:-<19}|{:->18}|{:->18}|{:->8}|{:->8}|{:-<7}|", "", "", "", "", "", "", "");
+    let mut rows = Vec::new();
+    for case in &cases {
+        let (a, b) = (median(&case.without), median(&case.with));
+        let ratio = (!case.without.is_empty() && !case.with.is_empty()).then(|| b / a);
+        let target = case.place.target();
+        let meets = ratio.map(|r| r >= target);
+        let cell = |v: f64, n: usize| match n {
+            0 => "failed".to_string(),
+            _ if v >= 1000.0 => format!("{v:.0}"),
+            _ if v >= 10.0 => format!("{v:.2}"),
+            _ => format!("{v:.4}"),
+        };
+        println!(
+            "| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} |",
+            case.load.name(),
+            case.place.name(),
+            cell(a, case.without.len()),
+            cell(b, case.with.len()),
+            ratio.map_or("n/a".into(), |r| format!("{r:.3}")),
+            format!("≥{target}"),
+            match meets {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "n/a",
+            }
+        );
+        rows.push(json!({
+            "workload": case.load.short(), "command": case.load.name(), "unit": case.load.unit(),
+            "where": case.place.name(), "without": case.without, "with": case.with,
+            "without_median": (!case.without.is_empty()).then_some(a),
+            "with_median": (!case.with.is_empty()).then_some(b),
+            "ratio": ratio, "target": target, "meets_target": meets, "errors": case.errors,
+        }));
+    }
+    println!("   units: pipe ping-pong {}, hackbench runs/s (1 / its time), nginx requests/s", pipe.unit());
+    json!({ "rounds": HOST_ROUNDS, "pipe_cpu": cpu, "notes": notes, "rows": rows })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel-side time per sample with many tasks on the host.
+
+/// Tasks on the host now (`/proc/loadavg`: running/total).
+fn host_tasks() -> u64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cgroup_threads(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("cgroup.threads")).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+fn kernel_time(args: &Args) -> Value {
+    let extra = SLEEPER_PROCS * SLEEPER_THREADS;
+    println!(
+        "\n== Kernel-side time per sample at 1 Hz, the host as it is and with {extra} more sleeping threads\n   \
+         ({SLEEPER_PROCS} processes × {SLEEPER_THREADS} threads outside the slice; 4 sleeping workers inside;\n   \
+         median over {KERNEL_BEATS} samples of the kernel-side time each 1 s interval cost: collector.self.kernel_s\n   \
+         where the heartbeat has it, else the run_time_ns of all the daemon's BPF programs, event probes included)"
+    );
+    let cg = TestCgroup::new("bench_tasks");
+    cg.mkdir("rbee.slice");
+    let _workers: Vec<Workload> = (0..4)
+        .map(|i| {
+            Workload::start(&args.load, &cg.mkdir(&format!("rbee.slice/llm/{}", 8080 + i)), &["sleep", "600"])
+        })
+        .collect();
+    let outside = cg.mkdir("outside");
+    let me = std::env::current_exe().expect("own path");
+    let _stats = BpfStats::enable();
+    println!(
+        "{:<28} {:>8} {:>18} {:>13} {:>11}  {}",
+        "condition", "tasks", "kernel ms/sample", "BPF runs/s", "CPU % core", "source"
+    );
+    let mut out = Vec::new();
+    let mut sleepers = Vec::new();
+    for with_sleepers in [false, true] {
+        if with_sleepers {
+            let threads = SLEEPER_THREADS.to_string();
+            sleepers = (0..SLEEPER_PROCS)
+                .map(|_| Workload::start(me.to_str().unwrap(), &outside, &["threads", &threads, "600"]))
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while cgroup_threads(&outside) < extra && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let tasks = host_tasks();
+        let daemon = Daemon::start(args, &cg, "tasks");
+        daemon.next();
+        daemon.next();
+        let beats: Vec<Beat> = (0..=KERNEL_BEATS).map(|_| daemon.next()).collect();
+        let pid = daemon.pid();
+        let hwm = proc_field(pid, "status", "VmHWM:");
+        drop(daemon);
+        let (ms, source, per) = kernel_ms_per_sample(&beats);
+        let (first, last) = (&beats[0], &beats[beats.len() - 1]);
+        let wall = (last.at - first.at).as_secs_f64();
+        let cpu_pct = last.cpu_ns.saturating_sub(first.cpu_ns) as f64 / 1e9 / wall * 100.0;
+        let runs = match (first.bpf, last.bpf) {
+            (Some(a), Some(b)) => Some(b.runs.saturating_sub(a.runs) as f64 / wall),
+            _ => None,
+        };
+        let label =
+            if with_sleepers { format!("+ {extra} sleeping threads") } else { "host as it is".into() };
+        println!(
+            "{label:<28} {tasks:>8} {:>18} {:>13} {cpu_pct:>11.2}  {source}",
+            ms.map_or("n/a".into(), |m| format!("{m:.3}")),
+            runs.map_or("n/a".into(), |r| format!("{r:.0}")),
+        );
+        out.push(json!({
+            "condition": label, "host_tasks": tasks, "kernel_ms_per_sample": ms, "per_sample_ms": per,
+            "source": source, "bpf_runs_per_s": runs, "daemon_cpu_pct_of_core": cpu_pct,
+            "daemon_peak_rss_kib": hwm, "collector_self": self_summary(&beats),
+        }));
+    }
+    drop(sleepers);
+    json!(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(line: &str, run_ns: u64) -> Beat {
+        Beat {
+            at: Instant::now(),
+            cpu_ns: 0,
+            bpf: Some(BpfRun { run_ns, runs: 1, programs: 1 }),
+            self_cost: serde_json::from_str::<Value>(line).ok().as_ref().and_then(self_cost),
+        }
+    }
+
+    #[test]
+    fn kernel_time_prefers_collector_self() {
+        let with = r#"{"collector":{"self":{"cpu_s":0.01,"rss_bytes":1e7,"kernel_s":0.002}}}"#;
+        let beats = [beat(with, 0), beat(with, 5_000_000), beat(with, 10_000_000)];
+        let (ms, source, per) = kernel_ms_per_sample(&beats);
+        assert_eq!((ms, source, per.len()), (Some(2.0), "collector.self.kernel_s", 3));
+        assert_eq!(self_summary(&beats)["kernel_s_median"], json!(0.002));
+    }
+
+    #[test]
+    fn kernel_time_falls_back_to_bpf_run_time() {
+        let without = r#"{"collector":{"cpu":"bpf"}}"#;
+        let beats = [beat(without, 0), beat(without, 1_000_000), beat(without, 4_000_000)];
+        let (ms, source, per) = kernel_ms_per_sample(&beats);
+        assert_eq!((ms, source, per), (Some(2.0), "bpf_stats run_time_ns (fdinfo)", vec![1.0, 3.0]));
+        assert_eq!(self_summary(&beats), Value::Null);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
 }
