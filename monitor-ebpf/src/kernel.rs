@@ -155,8 +155,15 @@ impl Task {
     fn uncharged(self, sched_now: u64) -> u64 {
         let Some(rq) = self.run_queue() else { return 0 };
         let exec_start: u64 = self.0.field(layout!(task_exec_start));
-        let clock: u64 = rq.field(layout!(rq_clock));
-        let clock_task: u64 = rq.field(layout!(rq_clock_task));
+        // The scheduler updates `clock`, then `clock_task`: a `clock` from before an update
+        // with a `clock_task` from after it would count the update's step twice.
+        let mut clock: u64 = rq.field(layout!(rq_clock));
+        let mut clock_task: u64 = rq.field(layout!(rq_clock_task));
+        let again: u64 = rq.field(layout!(rq_clock));
+        if again != clock {
+            clock = again;
+            clock_task = rq.field(layout!(rq_clock_task));
+        }
         let advance = sched_now.saturating_sub(clock).min(MAX_UNCHARGED_NS);
         // Parts per 1024 of the clock the task clock kept.
         let kept = (clock_task / ((clock >> 10) | 1)).min(1024);
