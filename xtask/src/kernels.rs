@@ -48,16 +48,16 @@ pub struct Opts {
     pub quick: bool,
     pub fetch_only: bool,
     pub skip_layout: bool,
+    /// A daemon binary to put in the guests instead of target/release/hive-monitor.
+    pub daemon: Option<PathBuf>,
 }
 
 pub fn test_kernels(root: &Path, opts: Opts) -> Result<()> {
     let t_all = Instant::now();
     let dir = root.join("target/kernels");
     fs::create_dir_all(&dir)?;
-    let suites: Vec<&Suite> = SUITES
-        .iter()
-        .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| o == s.name))
-        .collect();
+    let suites: Vec<&Suite> =
+        SUITES.iter().filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| o == s.name)).collect();
     if suites.is_empty() {
         bail!("--only names none of {:?}", SUITES.iter().map(|s| s.name).collect::<Vec<_>>());
     }
@@ -112,7 +112,7 @@ pub fn test_kernels(root: &Path, opts: Opts) -> Result<()> {
         "hive-monitor-tests",
         "--bins",
     ]))?;
-    let common = common_initramfs(root, &dir)?;
+    let common = common_initramfs(root, &dir, opts.daemon.as_deref())?;
     let t_build = t.elapsed();
 
     // 4. Boot each kernel.
@@ -122,7 +122,8 @@ pub fn test_kernels(root: &Path, opts: Opts) -> Result<()> {
     let kernels = Arc::new(kernels);
     std::thread::scope(|scope| {
         for _ in 0..opts.jobs.max(1) {
-            let (queue, results, kernels, common) = (queue.clone(), results.clone(), kernels.clone(), &common);
+            let (queue, results, kernels, common) =
+                (queue.clone(), results.clone(), kernels.clone(), &common);
             let opts = &opts;
             scope.spawn(move || loop {
                 let Some(i) = queue.lock().unwrap().pop() else { break };
@@ -140,7 +141,7 @@ pub fn test_kernels(root: &Path, opts: Opts) -> Result<()> {
         }
     });
     let t_boot = t.elapsed();
-    let results = Arc::try_unwrap(results).ok().expect("threads joined").into_inner().unwrap();
+    let results = std::mem::take(&mut *results.lock().unwrap());
 
     // 5. Report.
     report(&dir, &kernels, &results, &layout, [t_fetch, t_btf, t_build, t_boot, t_all.elapsed()])
@@ -202,7 +203,9 @@ impl Mirrors {
         let (mut main, mut security, mut keyring) = (None, None, None);
         for stanza in text.split("\n\n") {
             let field = |name: &str| {
-                stanza.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
             };
             let (Some(uris), Some(suites)) = (field("URIs"), field("Suites")) else { continue };
             if field("Types").is_some_and(|t| !t.split_whitespace().any(|t| t == "deb")) {
@@ -287,8 +290,13 @@ fn show(conf: &Path, pkg: &str) -> Result<(String, Vec<String>)> {
 /// and the bytes downloaded.
 fn fetch_kernel(dir: &Path, m: &Mirrors, s: &Suite, refresh: bool) -> Result<(Kernel, u64)> {
     let aptdir = dir.join("apt").join(s.name);
-    for d in ["lists/partial", "cache/archives/partial", "etc/apt.conf.d", "etc/preferences.d", "etc/sources.list.d"]
-    {
+    for d in [
+        "lists/partial",
+        "cache/archives/partial",
+        "etc/apt.conf.d",
+        "etc/preferences.d",
+        "etc/sources.list.d",
+    ] {
         fs::create_dir_all(aptdir.join(d))?;
     }
     let status = aptdir.join("status");
@@ -341,11 +349,8 @@ fn fetch_kernel(dir: &Path, m: &Mirrors, s: &Suite, refresh: bool) -> Result<(Ke
     // The metapackage → linux-image-<release> → the packages of that release it needs;
     // resolved again only when the lists changed.
     let resolved = aptdir.join("resolved.json");
-    let cached: Option<(String, String, BTreeMap<String, String>)> = if updated {
-        None
-    } else {
-        fs::read(&resolved).ok().and_then(|b| serde_json::from_slice(&b).ok())
-    };
+    let cached: Option<(String, String, BTreeMap<String, String>)> =
+        if updated { None } else { fs::read(&resolved).ok().and_then(|b| serde_json::from_slice(&b).ok()) };
     let (image, release, packages) = match cached {
         Some(c) => c,
         None => {
@@ -356,7 +361,6 @@ fn fetch_kernel(dir: &Path, m: &Mirrors, s: &Suite, refresh: bool) -> Result<(Ke
     };
     let version = packages[&image].clone();
 
-
     let debs = dir.join("debs");
     fs::create_dir_all(&debs)?;
     let mut bytes = 0;
@@ -365,7 +369,11 @@ fn fetch_kernel(dir: &Path, m: &Mirrors, s: &Suite, refresh: bool) -> Result<(Ke
         let file = debs.join(format!("{p}_{}_amd64.deb", v.replace(':', "%3a")));
         if !file.exists() {
             println!("kernels: downloading {p} {v}");
-            crate::run(apt(&conf, "apt-get").current_dir(&debs).args(["download", "-qq", &format!("{p}={v}")]))?;
+            crate::run(apt(&conf, "apt-get").current_dir(&debs).args([
+                "download",
+                "-qq",
+                &format!("{p}={v}"),
+            ]))?;
             if !file.exists() {
                 bail!("apt-get download {p}={v} left no {}", file.display());
             }
@@ -578,7 +586,7 @@ poweroff -f
 
 /// The part of every guest's initramfs that does not depend on the kernel: busybox, the
 /// daemon, the loads, the checker and their shared libraries, as a newc cpio archive.
-fn common_initramfs(root: &Path, dir: &Path) -> Result<PathBuf> {
+fn common_initramfs(root: &Path, dir: &Path, daemon: Option<&Path>) -> Result<PathBuf> {
     let stage = dir.join("initramfs/common");
     let _ = fs::remove_dir_all(&stage);
     for d in ["bin", "dev", "proc", "sys", "tmp", "run", "modules", "etc"] {
@@ -590,7 +598,10 @@ fn common_initramfs(root: &Path, dir: &Path) -> Result<PathBuf> {
     let release = root.join("target/release");
     let mut libs = BTreeSet::new();
     for exe in ["hive-monitor", "hm-guest", "hm-load"] {
-        let src = release.join(exe);
+        let src = match daemon {
+            Some(d) if exe == "hive-monitor" => d.to_path_buf(),
+            _ => release.join(exe),
+        };
         fs::copy(&src, stage.join("bin").join(exe)).with_context(|| format!("copying {}", src.display()))?;
         libs.extend(shared_libraries(&src)?);
     }
@@ -662,7 +673,9 @@ fn module_bytes(path: &Path) -> Result<Vec<u8>> {
         None
     };
     match cmd {
-        Some(cmd) => filter(cmd, &raw).filter(|o| o.starts_with(b"\x7fELF")).ok_or_else(|| anyhow!("cannot decompress {name}")),
+        Some(cmd) => filter(cmd, &raw)
+            .filter(|o| o.starts_with(b"\x7fELF"))
+            .ok_or_else(|| anyhow!("cannot decompress {name}")),
         None => Ok(raw),
     }
 }
@@ -673,7 +686,11 @@ fn module_depends(ko: &[u8]) -> Vec<String> {
     ko.split(|b| *b == 0)
         .find(|s| s.starts_with(key))
         .map(|s| {
-            String::from_utf8_lossy(&s[key.len()..]).split(',').filter(|d| !d.is_empty()).map(str::to_string).collect()
+            String::from_utf8_lossy(&s[key.len()..])
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect()
         })
         .unwrap_or_default()
 }
@@ -767,7 +784,9 @@ fn boot(k: &Kernel, common: &Path, opts: &Opts) -> Result<Boot> {
     fs::create_dir_all(stage.join("modules"))?;
     let modules = kernel_modules(k, &stage)?;
     fs::write(stage.join("modules.load"), modules.join("\n"))?;
-    let init = INIT.replace("@DISK_MIB@", &DISK_MIB.to_string()).replace("@QUICK@", if opts.quick { "--quick" } else { "" });
+    let init = INIT
+        .replace("@DISK_MIB@", &DISK_MIB.to_string())
+        .replace("@QUICK@", if opts.quick { "--quick" } else { "" });
     fs::write(stage.join("init"), init)?;
     fs::set_permissions(stage.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let own = k.work.join("own.cpio");
@@ -830,7 +849,7 @@ fn boot(k: &Kernel, common: &Path, opts: &Opts) -> Result<Boot> {
         let _ = e.read_to_string(&mut stderr);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let lines = Arc::try_unwrap(lines).ok().expect("reader joined").into_inner().unwrap();
+    let lines = std::mem::take(&mut *lines.lock().unwrap());
     for (t, line) in &lines {
         writeln!(log, "[{t:8.3}] {line}")?;
     }
@@ -884,8 +903,8 @@ fn report(
 ) -> Result<()> {
     println!();
     println!(
-        "{:<17} {:<24} {:<26} {:>14} {:>14} {:>9} {:>7} {:<4}  note",
-        "kernel", "check", "figure", "monitor", "reference", "error", "bound", "pass"
+        "{:<17} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  note",
+        "kernel", "check", "figure", "monitor", "reference", "error", "bound", "source", "pass"
     );
     let mut out_kernels = Vec::new();
     let (mut passed, mut failed) = (0, 0);
@@ -893,20 +912,24 @@ fn report(
         let b = &results[&i];
         let name = format!("{} {}", k.suite, k.release.split('-').next().unwrap_or(&k.release));
         if let Some(e) = &b.error {
-            println!("{name:<17} {:<24} {:<26} {:>14} {:>14} {:>9} {:>7} {:<4}  {e}", "boot", "", "-", "-", "-", "-", "FAIL");
+            println!(
+                "{name:<17} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {e}",
+                "boot", "", "-", "-", "-", "-", "-", "FAIL"
+            );
         }
         for r in &b.rows {
             let unit = r["unit"].as_str().unwrap_or("");
             let error = r["error"].as_f64().map_or("-".into(), |e| format!("{e:.3}{unit}"));
             let bound = r["bound"].as_f64().map_or("-".into(), |e| format!("{e:.3}"));
             println!(
-                "{name:<17} {:<24} {:<26} {:>14} {:>14} {:>9} {:>7} {:<4}  {}",
+                "{name:<17} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {}",
                 r["check"].as_str().unwrap_or(""),
                 r["figure"].as_str().unwrap_or(""),
                 fmt_num(&r["monitor"]),
                 fmt_num(&r["reference"]),
                 error,
                 bound,
+                r["source"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
                 if r["pass"] == true { "ok" } else { "FAIL" },
                 r["note"].as_str().unwrap_or("")
             );
@@ -935,14 +958,20 @@ fn report(
         }
     }
     println!();
-    print!("{:<32} {:<6}", "kernel", "layout");
+    print!("{:<42} {:<6}", "kernel", "layout");
     for c in &checks {
         print!(" {c:<w$}", w = c.len().max(4));
     }
     println!();
     for (i, k) in kernels.iter().enumerate() {
         let b = &results[&i];
-        print!("{:<32} {:<6}", format!("{} {}", k.suite, k.release), if layout.ok { "ok" } else { "FAIL" });
+        let layout = match (layout.ok, layout.passed) {
+            (false, _) => "FAIL",
+            (true, 0) if layout.note.starts_with("skipped") => "skip",
+            (true, 0) => "none",
+            (true, _) => "ok",
+        };
+        print!("{:<42} {:<6}", format!("{} {}", k.suite, k.release), layout);
         for c in &checks {
             let rows: Vec<&Value> = b.rows.iter().filter(|r| r["check"] == c.as_str()).collect();
             let cell = if rows.is_empty() {

@@ -82,12 +82,28 @@ struct Row {
     bound: Option<f64>,
     pass: bool,
     note: String,
+    /// The collector's source of the figure (`ebpf`, `cgroup`, `procfs`, …).
+    source: String,
+}
+
+impl Row {
+    /// A figure the daemon took from its fallback (cpu.stat, /proc) instead of the probes
+    /// trivially equals the reference: the row fails, saying so.
+    fn require_probes(mut self, hb: &Value, key: &str) -> Self {
+        self.source = hb["collector"][key].as_str().unwrap_or("?").to_string();
+        if self.source != "ebpf" {
+            self.pass = false;
+            self.note = format!("collector.{key} is {}, not the probes; {}", self.source, self.note);
+        }
+        self
+    }
 }
 
 fn emit(row: &Row) {
     let v = json!({
         "check": row.check, "figure": row.figure, "monitor": row.monitor, "reference": row.reference,
         "error": row.error, "unit": row.unit, "bound": row.bound, "pass": row.pass, "note": row.note,
+        "source": row.source,
     });
     // One write per line, so the console does not interleave it with kernel messages.
     let line = format!("HM-RESULT {v}\n");
@@ -125,7 +141,17 @@ struct Daemon {
 impl Daemon {
     fn start(exe: &str) -> std::io::Result<Self> {
         let mut child = Command::new(exe)
-            .args(["run", "--cgroup-root", CGROUP_ROOT, "--slice", SLICE, "--interval", "1s", "--listen", LISTEN])
+            .args([
+                "run",
+                "--cgroup-root",
+                CGROUP_ROOT,
+                "--slice",
+                SLICE,
+                "--interval",
+                "1s",
+                "--listen",
+                LISTEN,
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -213,9 +239,20 @@ fn worker<'a>(hb: &'a Value, instance: &str) -> Result<&'a Value, String> {
         .ok_or_else(|| format!("worker {GROUP}/{instance} missing from the heartbeat"))
 }
 
+/// The collector's sources in a few words: `cpu cgroup, runq unavailable, …`.
+fn sources(hb: &Value) -> String {
+    let c = hb["collector"].as_object().cloned().unwrap_or_default();
+    let parts: Vec<String> = c
+        .iter()
+        .filter_map(|(k, v)| Some(format!("{k} {}", v.as_str()?)))
+        .filter(|p| !p.starts_with("gpu "))
+        .collect();
+    format!("collector: {}", parts.join(", "))
+}
+
 fn figure(hb: &Value, instance: &str, name: &str) -> Result<u64, String> {
     let w = worker(hb, instance)?;
-    w[name].as_u64().ok_or_else(|| format!("{name} is {} (collector: {})", w[name], hb["collector"]))
+    w[name].as_u64().ok_or_else(|| format!("{name} is {} ({})", w[name], sources(hb)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,7 +436,8 @@ fn check_cpu(d: &Daemon, o: &Opts, instance: &str, args: &[&str]) -> Result<Row,
     load.alive()?;
     let mut at = freeze(&dir);
     let mut theirs = cpu_stat_ns(&dir);
-    let mut ours = figure(&d.fresh()?, instance, "cpu_ns_total")?;
+    let mut hb = d.fresh()?;
+    let mut ours = figure(&hb, instance, "cpu_ns_total")?;
     thaw(&dir);
     let intervals = if o.quick { 1 } else { 3 };
     let (mut worst, mut sum_ours, mut sum_theirs, mut sum_wall) = (0.0f64, 0u64, 0u64, 0.0);
@@ -408,7 +446,8 @@ fn check_cpu(d: &Daemon, o: &Opts, instance: &str, args: &[&str]) -> Result<Row,
         std::thread::sleep(Duration::from_millis(2500));
         let now = freeze(&dir);
         let t = cpu_stat_ns(&dir);
-        let m = figure(&d.fresh()?, instance, "cpu_ns_total")?;
+        hb = d.fresh()?;
+        let m = figure(&hb, instance, "cpu_ns_total")?;
         thaw(&dir);
         let wall = (now - at).as_nanos() as f64;
         let (dm, dt) = (m.wrapping_sub(ours), t - theirs);
@@ -436,7 +475,9 @@ fn check_cpu(d: &Daemon, o: &Opts, instance: &str, args: &[&str]) -> Result<Row,
         bound: Some(CPU_BOUND_PP),
         pass,
         note,
-    })
+        ..Default::default()
+    }
+    .require_probes(&hb, "cpu"))
 }
 
 fn rel_error_pct(ours: u64, theirs: u64) -> f64 {
@@ -465,6 +506,7 @@ fn bytes_row(check: &str, figure: &str, ours: u64, proc_name: &str, proc_value: 
         bound: Some(IO_BOUND_PCT),
         pass: error <= IO_BOUND_PCT,
         note: format!("{proc_name} {proc_value}, moved {moved}"),
+        ..Default::default()
     }
 }
 
@@ -499,8 +541,10 @@ fn check_syscall_io(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
     let r = figure(&hb, "rw", "io_syscall_read_bytes_total")?;
     let _ = std::fs::remove_file("/tmp/hm-rw");
     Ok(vec![
-        bytes_row("syscall write", "io_syscall_write_bytes_total", w, "wchar", wchar, moved),
-        bytes_row("syscall read", "io_syscall_read_bytes_total", r, "rchar", rchar, moved),
+        bytes_row("syscall write", "io_syscall_write_bytes_total", w, "wchar", wchar, moved)
+            .require_probes(&hb, "io_syscall"),
+        bytes_row("syscall read", "io_syscall_read_bytes_total", r, "rchar", rchar, moved)
+            .require_probes(&hb, "io_syscall"),
     ])
 }
 
@@ -511,12 +555,15 @@ fn check_direct(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
         .map_err(|e| e.to_string())?;
     wait_io(&mut load, &[("read_bytes:", moved), ("write_bytes:", moved)], Duration::from_secs(120))?;
     let hb = d.fresh()?;
-    let (rb, wb) = (proc_field(load.pid(), "io", "read_bytes:"), proc_field(load.pid(), "io", "write_bytes:"));
+    let (rb, wb) =
+        (proc_field(load.pid(), "io", "read_bytes:"), proc_field(load.pid(), "io", "write_bytes:"));
     let w = figure(&hb, "direct", "io_write_bytes_total")?;
     let r = figure(&hb, "direct", "io_read_bytes_total")?;
     Ok(vec![
-        bytes_row("storage direct write", "io_write_bytes_total", w, "write_bytes", wb, moved),
-        bytes_row("storage direct read", "io_read_bytes_total", r, "read_bytes", rb, moved),
+        bytes_row("storage direct write", "io_write_bytes_total", w, "write_bytes", wb, moved)
+            .require_probes(&hb, "io_write"),
+        bytes_row("storage direct read", "io_read_bytes_total", r, "read_bytes", rb, moved)
+            .require_probes(&hb, "io_read"),
     ])
 }
 
@@ -532,7 +579,8 @@ fn check_writesync(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
     let hb = d.fresh()?;
     let wb = proc_field(load.pid(), "io", "write_bytes:");
     let w = figure(&hb, "writesync", "io_write_bytes_total")?;
-    Ok(vec![bytes_row("storage buffered+fsync", "io_write_bytes_total", w, "write_bytes", wb, moved)])
+    Ok(vec![bytes_row("storage buffered+fsync", "io_write_bytes_total", w, "write_bytes", wb, moved)
+        .require_probes(&hb, "io_write")])
 }
 
 /// Two spinning threads pinned to CPU 0: run-queue wait against Σ schedstat run_delay.
@@ -548,7 +596,8 @@ fn check_runq(d: &Daemon, o: &Opts) -> Result<Row, String> {
     std::thread::sleep(Duration::from_millis(if o.quick { 1500 } else { 3000 }));
     freeze(&dir);
     let k1 = sched_figures(load.pid()).0;
-    let m1 = figure(&d.fresh()?, "runq", "runq_wait_ns_total")?;
+    let hb = d.fresh()?;
+    let m1 = figure(&hb, "runq", "runq_wait_ns_total")?;
     thaw(&dir);
     load.alive()?;
     let (ours, theirs) = (m1.wrapping_sub(m0), k1 - k0);
@@ -570,7 +619,9 @@ fn check_runq(d: &Daemon, o: &Opts) -> Result<Row, String> {
         bound: Some(bound / theirs.max(1) as f64 * 100.0),
         pass,
         note,
-    })
+        ..Default::default()
+    }
+    .require_probes(&hb, "runq"))
 }
 
 /// busybox sh runs /bin/true K times: each is a fork whose child execs /bin/true and exits.
@@ -612,24 +663,22 @@ fn check_lifecycle(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
             bound: Some(0.0),
             pass,
             note,
+            ..Default::default()
         });
     }
     Ok(rows)
 }
 
-fn guarded<T>(check: &str, figure: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, Row> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(failed(check, figure, e)),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            Err(failed(check, figure, format!("panicked: {msg}")))
-        }
-    }
+/// Runs a check; a panic in it (a freeze that never completes, a missing file) is its error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(format!("panicked: {msg}"))
+    })
 }
 
 fn main() {
@@ -661,30 +710,25 @@ fn main() {
     for (instance, args) in [("busy", &["busy", "1", "600"][..]), ("forker", &["forker", "600"][..])] {
         let t = Instant::now();
         let check = format!("cpu {instance}");
-        match guarded(&check, "cpu_ns_total", || check_cpu(&daemon, &o, instance, args)) {
-            Ok(row) | Err(row) => emit(&row),
+        match guarded(|| check_cpu(&daemon, &o, instance, args)) {
+            Ok(row) => emit(&row),
+            Err(e) => emit(&failed(&check, "cpu_ns_total", e)),
         }
         timed(&check, t);
     }
-    type Many = fn(&Daemon, &Opts) -> Result<Vec<Row>, String>;
-    let many: [(&str, &str, Many); 4] = [
+    type Check = fn(&Daemon, &Opts) -> Result<Vec<Row>, String>;
+    let checks: [(&str, &str, Check); 5] = [
         ("syscall io", "io_syscall_*_bytes_total", check_syscall_io),
         ("storage direct", "io_*_bytes_total", check_direct),
         ("storage buffered+fsync", "io_write_bytes_total", check_writesync),
+        ("runq wait pinned", "runq_wait_ns_total", |d, o| check_runq(d, o).map(|r| vec![r])),
         ("lifecycle", "processes_*_total", check_lifecycle),
     ];
-    for (i, (check, fig, f)) in many.into_iter().enumerate() {
-        if i == 3 {
-            let t = Instant::now();
-            match guarded("runq wait pinned", "runq_wait_ns_total", || check_runq(&daemon, &o)) {
-                Ok(row) | Err(row) => emit(&row),
-            }
-            timed("runq", t);
-        }
+    for (check, fig, f) in checks {
         let t = Instant::now();
-        match guarded(check, fig, || f(&daemon, &o)) {
+        match guarded(|| f(&daemon, &o)) {
             Ok(rows) => rows.iter().for_each(emit),
-            Err(row) => emit(&row),
+            Err(e) => emit(&failed(check, fig, e)),
         }
         timed(check, t);
     }
