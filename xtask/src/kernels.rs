@@ -903,7 +903,7 @@ fn report(
 ) -> Result<()> {
     println!();
     println!(
-        "{:<17} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  note",
+        "{:<29} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  note",
         "kernel", "check", "figure", "monitor", "reference", "error", "bound", "source", "pass"
     );
     let mut out_kernels = Vec::new();
@@ -913,7 +913,7 @@ fn report(
         let name = format!("{} {}", k.suite, k.release.split('-').next().unwrap_or(&k.release));
         if let Some(e) = &b.error {
             println!(
-                "{name:<17} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {e}",
+                "{name:<29} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {e}",
                 "boot", "", "-", "-", "-", "-", "-", "FAIL"
             );
         }
@@ -922,7 +922,7 @@ fn report(
             let error = r["error"].as_f64().map_or("-".into(), |e| format!("{e:.3}{unit}"));
             let bound = r["bound"].as_f64().map_or("-".into(), |e| format!("{e:.3}"));
             println!(
-                "{name:<17} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {}",
+                "{name:<29} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {}",
                 r["check"].as_str().unwrap_or(""),
                 r["figure"].as_str().unwrap_or(""),
                 fmt_num(&r["monitor"]),
