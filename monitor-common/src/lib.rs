@@ -42,8 +42,17 @@ pub struct TaskRecord {
     pub tid: u32,
     /// Thread group id (the process).
     pub tgid: u32,
+    /// `TASK_EXITING` when the task has begun to exit (a zombie, or on its way).
+    pub flags: u32,
+    pub _pad: u32,
     pub counters: TaskCounters,
 }
+
+/// `TaskRecord::flags`: `PF_EXITING` was set.
+pub const TASK_EXITING: u32 = 1;
+
+const _: () = assert!(core::mem::size_of::<TaskCounters>() == 72);
+const _: () = assert!(core::mem::size_of::<TaskRecord>() == 104);
 
 /// Process counts of one worker, kept per CPU by the lifecycle probes.
 #[repr(C)]
@@ -54,14 +63,6 @@ pub struct ProcessCounts {
     pub forked: u64,
     pub execs: u64,
     pub exited: u64,
-}
-
-/// The offset `CLOCK_MONOTONIC − sched_clock` the task iterator measured last, so the exit
-/// probe can tell how long a running task has gone uncharged. 0 until the first iteration.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ClockOffset {
-    pub monotonic_minus_sched_ns: u64,
 }
 
 /// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
@@ -118,6 +119,8 @@ pub struct TaskEvent {
     pub task: TaskRecord,
 }
 
+const _: () = assert!(core::mem::size_of::<TaskEvent>() == 128);
+
 /// Failures the probes count instead of losing silently.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -146,11 +149,12 @@ pub const MISSING: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelLayout {
-    /// `task_struct.pid`, `.tgid`, `.cgroups` (`struct css_set *`), `.start_time`.
+    /// `task_struct.pid`, `.tgid`, `.cgroups` (`struct css_set *`), `.start_time`, `.flags`.
     pub task_pid: u32,
     pub task_tgid: u32,
     pub task_cgroups: u32,
     pub task_start_time: u32,
+    pub task_flags: u32,
     /// `css_set.dfl_cgrp` (`struct cgroup *`, the v2 cgroup)
     pub css_set_dfl_cgrp: u32,
     /// `cgroup.level`
@@ -209,7 +213,6 @@ mod pod {
     unsafe impl aya::Pod for super::TaskCounters {}
     unsafe impl aya::Pod for super::TaskRecord {}
     unsafe impl aya::Pod for super::ProcessCounts {}
-    unsafe impl aya::Pod for super::ClockOffset {}
     unsafe impl aya::Pod for super::SliceFilter {}
     unsafe impl aya::Pod for super::ProbeStats {}
     unsafe impl aya::Pod for super::KernelLayout {}

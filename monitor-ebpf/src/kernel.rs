@@ -6,7 +6,9 @@
 //! The offsets come from `LAYOUT`, a frozen read-only global, which the verifier treats as
 //! constants; a member the kernel lacks is `MISSING`, and its branch is never verified.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel};
-use monitor_common::{KernelLayout, SliceFilter, TaskCounters, TaskRecord, MAX_NESTING, MISSING};
+use monitor_common::{
+    KernelLayout, SliceFilter, TaskCounters, TaskRecord, MAX_NESTING, MISSING, TASK_EXITING,
+};
 
 use crate::maps::stats;
 
@@ -113,10 +115,12 @@ impl Task {
         Some(worker.field(layout!(kernfs_node_id)))
     }
 
-    /// The task's counters. `sched_now` is the scheduler clock now (`None` if unknown): a
-    /// task on a CPU gets the time it has run since it was last charged added.
+    /// Writes the task's counters into `c`, member by member (a struct copy could become a
+    /// `memcpy` call, which verifiers before 6.8 refuse). `sched_now` is the scheduler clock
+    /// now (`None` if unknown): a task on a CPU gets the time it has run since it was last
+    /// charged added.
     #[inline(always)]
-    pub fn counters(self, sched_now: Option<u64>) -> TaskCounters {
+    pub fn fill_counters(self, c: &mut TaskCounters, sched_now: Option<u64>) {
         let t = self.0;
         let runtime_at = layout!(task_sum_exec_runtime);
         let mut runtime = t.field_or_zero(runtime_at);
@@ -133,17 +137,15 @@ impl Task {
                 }
             }
         }
-        TaskCounters {
-            cpu_ns: runtime + uncharged,
-            run_delay_ns: t.field_or_zero(layout!(task_run_delay)),
-            pcount: t.field_or_zero(layout!(task_pcount)),
-            nvcsw: t.field_or_zero(layout!(task_nvcsw)),
-            nivcsw: t.field_or_zero(layout!(task_nivcsw)),
-            rchar: t.field_or_zero(layout!(task_rchar)),
-            wchar: t.field_or_zero(layout!(task_wchar)),
-            read_bytes: t.field_or_zero(layout!(task_read_bytes)),
-            write_bytes: t.field_or_zero(layout!(task_write_bytes)),
-        }
+        c.cpu_ns = runtime + uncharged;
+        c.run_delay_ns = t.field_or_zero(layout!(task_run_delay));
+        c.pcount = t.field_or_zero(layout!(task_pcount));
+        c.nvcsw = t.field_or_zero(layout!(task_nvcsw));
+        c.nivcsw = t.field_or_zero(layout!(task_nivcsw));
+        c.rchar = t.field_or_zero(layout!(task_rchar));
+        c.wchar = t.field_or_zero(layout!(task_wchar));
+        c.read_bytes = t.field_or_zero(layout!(task_read_bytes));
+        c.write_bytes = t.field_or_zero(layout!(task_write_bytes));
     }
 
     /// Time a running task has run since its last charge: from its `exec_start` to its run
@@ -176,15 +178,16 @@ impl Task {
         self.0.pointer(layout!(task_cfs_rq))?.pointer(layout!(cfs_rq_rq))
     }
 
+    /// Writes the task's record into `r`, member by member (see `fill_counters`).
     #[inline(always)]
-    pub fn record(self, worker: u64, sched_now: Option<u64>) -> TaskRecord {
-        TaskRecord {
-            worker,
-            start_ns: self.0.field(layout!(task_start_time)),
-            tid: self.tid(),
-            tgid: self.tgid(),
-            counters: self.counters(sched_now),
-        }
+    pub fn fill_record(self, r: &mut TaskRecord, worker: u64, sched_now: Option<u64>) {
+        r.worker = worker;
+        r.start_ns = self.0.field(layout!(task_start_time));
+        r.tid = self.tid();
+        r.tgid = self.tgid();
+        r.flags = if self.0.field::<u32>(layout!(task_flags)) & PF_EXITING != 0 { TASK_EXITING } else { 0 };
+        r._pad = 0;
+        self.fill_counters(&mut r.counters, sched_now);
     }
 }
 
@@ -198,6 +201,10 @@ fn uncharged_known() -> bool {
         && layout!(rq_clock) != MISSING
         && layout!(rq_clock_task) != MISSING
 }
+
+/// `task_struct.flags`: the task has begun to exit (`include/linux/sched.h`, the same value
+/// on every supported kernel).
+const PF_EXITING: u32 = 0x4;
 
 /// Uncharged time above this is not believed: a running task is charged at every tick, and
 /// at least once a second with `nohz_full`.

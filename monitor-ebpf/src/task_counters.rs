@@ -6,10 +6,11 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::seq_file, helpers::generated::bpf_seq_write};
+use monitor_common::TaskRecord;
 
 use crate::{
     kernel::{self, KernelPtr, Task},
-    maps::{set_clock_offset, slice},
+    maps::slice,
 };
 
 /// `bpf_iter_meta.seq` and `.session_id`: fixed since iterators exist (5.8).
@@ -43,9 +44,6 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
         if SESSION != session {
             SESSION = session;
             OFFSET = kernel::clock_offset().unwrap_or(0);
-            if OFFSET != 0 {
-                set_clock_offset(OFFSET);
-            }
         }
         OFFSET
     };
@@ -53,14 +51,19 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
     let task = Task(task);
     let Some(worker) = task.worker(slice) else { return 0 };
     let sched_now = (offset != 0).then(|| kernel::sched_now(offset));
-    let record = task.record(worker, sched_now);
+    let mut record = core::mem::MaybeUninit::<TaskRecord>::uninit();
+    // SAFETY: fill_record writes every member of the record.
+    let record = unsafe {
+        task.fill_record(&mut *record.as_mut_ptr(), worker, sched_now);
+        record.assume_init_ref()
+    };
     let seq: u64 = meta.field(META_SEQ);
     // SAFETY: `seq` is the iterator's seq_file, and the record is plain data of that length.
     unsafe {
         bpf_seq_write(
             seq as *mut seq_file,
-            (&raw const record).cast::<c_void>(),
-            core::mem::size_of_val(&record) as u32,
+            (record as *const TaskRecord).cast::<c_void>(),
+            core::mem::size_of::<TaskRecord>() as u32,
         );
     }
     0

@@ -391,12 +391,16 @@ impl Sampler {
         self.memory.begin_sample();
         self.procs_files.sweep();
         for cg in cgroups {
-            let procs = match cgroup::worker_procs(&cg, &mut self.procs_files) {
-                Ok(p) => p,
-                Err(e) => {
-                    log::debug!("worker {}/{} skipped: {e}", cg.group, cg.instance);
-                    continue;
-                }
+            // The iterator found every worker's processes; without it, the cgroup files say.
+            let procs = match reading.processes.as_ref() {
+                Some(by_worker) => by_worker.get(&cg.id).cloned().unwrap_or_default(),
+                None => match cgroup::worker_procs(&cg, &mut self.procs_files) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::debug!("worker {}/{} skipped: {e}", cg.group, cg.instance);
+                        continue;
+                    }
+                },
             };
             let main = self.main_process(cg.id, &procs);
             let memory = match self.memory.read(&cg.dir, &procs, main.map(|m| m.pid)) {

@@ -15,11 +15,12 @@ pub const ATTACH: &str = "cgroup_attach_task";
 pub const PROGRAMS: [&str; 6] = [TASK_COUNTERS, FORK, EXEC, EXIT, FREE, ATTACH];
 
 /// Members every program reads to find a task's worker.
-const CORE: [&str; 9] = [
+const CORE: [&str; 10] = [
     "task_struct.pid",
     "task_struct.tgid",
     "task_struct.cgroups",
     "task_struct.start_time",
+    "task_struct.flags",
     "css_set.dfl_cgrp",
     "cgroup.level",
     "cgroup.kn",

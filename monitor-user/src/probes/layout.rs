@@ -50,6 +50,7 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         task_tgid: r.member(&member("task_struct.tgid", "task_struct", &[&["tgid"]])),
         task_cgroups: r.member(&member("task_struct.cgroups", "task_struct", &[&["cgroups"]])),
         task_start_time: r.member(&member("task_struct.start_time", "task_struct", &[&["start_time"]])),
+        task_flags: r.member(&member("task_struct.flags", "task_struct", &[&["flags"]])),
         css_set_dfl_cgrp: r.member(&member("css_set.dfl_cgrp", "css_set", &[&["dfl_cgrp"]])),
         cgroup_level: r.member(&member("cgroup.level", "cgroup", &[&["level"]])),
         cgroup_kn: r.member(&member("cgroup.kn", "cgroup", &[&["kn"]])),
@@ -84,6 +85,22 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         slice_level,
     };
     let mut missing = r.missing;
+    // The programs read their arguments at these positions (see monitor-ebpf's lifecycle.rs).
+    for (name, got, want) in [
+        ("sched_process_fork.parent", layout.fork_parent, 0),
+        ("sched_process_fork.child", layout.fork_child, 1),
+        ("sched_process_exec.p", layout.exec_task, 0),
+        ("sched_process_exit.p", layout.exit_task, 0),
+        ("sched_process_free.p", layout.free_task, 0),
+        ("cgroup_attach_task.task", layout.attach_task, 2),
+    ] {
+        if got != MISSING && got != want {
+            missing.insert(name.into(), format!("argument at position {got}, the program reads {want}"));
+        }
+    }
+    if layout.exit_group_dead != MISSING && layout.exit_group_dead != 1 {
+        missing.insert("sched_process_exit.group_dead".into(), "not argument 1".into());
+    }
     // The iterator reads its context at fixed offsets, the only kind the verifier allows.
     if (layout.iter_meta, layout.iter_task) != (0, 8) && !missing.contains_key("bpf_iter__task.task") {
         missing.insert("bpf_iter__task.task".into(), "bpf_iter__task is not { meta@0, task@8 }".into());

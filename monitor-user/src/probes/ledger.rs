@@ -119,8 +119,14 @@ impl Ledger {
                     (s.worker, s.counted) = (r.worker, counted);
                 }
             }
+            // A task born since the last pass and moving in (a worker's process started
+            // outside) counts from zero: the kernel charges a running task's uncharged time,
+            // nearly all of a new one's, to the cgroup it is in when next charged, which is
+            // mostly after the move.
             None if r.worker != 0 => {
-                let state = TaskState { worker: r.worker, exiting: false, counted: r.counters, seen: self.pass };
+                let counted =
+                    if self.born_since_last_pass(r.start_ns) { TaskCounters::default() } else { r.counters };
+                let state = TaskState { worker: r.worker, exiting: false, counted, seen: self.pass };
                 self.tasks.insert(key, state);
             }
             None => {}
@@ -201,6 +207,8 @@ mod tests {
             start_ns,
             tid,
             tgid: tid,
+            flags: 0,
+            _pad: 0,
             counters: TaskCounters { cpu_ns, rchar: cpu_ns / 2, ..Default::default() },
         }
     }
@@ -279,17 +287,21 @@ mod tests {
     }
 
     #[test]
-    fn a_task_started_outside_and_moved_in_counts_from_the_move() {
+    fn a_task_moved_in_counts_from_the_move_unless_new() {
         let mut l = Ledger::default();
         pass(&mut l, 1_000_000_000, &[]);
-        // Born since the last pass, but outside: 150 ns ran before it joined worker 7.
-        l.moved(&rec(7, 17, 1_100_000_000, 150));
-        pass(&mut l, 2_000_000_000, &[rec(7, 17, 1_100_000_000, 1_150)]);
-        assert_eq!(l.totals()[&7].cpu_ns, 1_000);
+        // Old, from outside: 150 ns ran before it joined worker 7.
+        l.moved(&rec(7, 17, 100, 150));
+        // New: counted whole.
+        l.moved(&rec(7, 18, 1_100_000_000, 150));
+        pass(&mut l, 2_000_000_000, &[rec(7, 17, 100, 1_150), rec(7, 18, 1_100_000_000, 200)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 1_000 + 200);
+        l.forget(7);
+        l.moved(&rec(7, 17, 100, 1_150));
         // Then it moves to worker 8, and out of the slice.
-        l.moved(&rec(8, 17, 1_100_000_000, 1_200));
-        l.moved(&rec(0, 17, 1_100_000_000, 1_500));
-        assert_eq!((l.totals()[&7].cpu_ns, l.totals()[&8].cpu_ns), (1_050, 300));
+        l.moved(&rec(8, 17, 100, 1_200));
+        l.moved(&rec(0, 17, 100, 1_500));
+        assert_eq!((l.totals()[&7].cpu_ns, l.totals()[&8].cpu_ns), (50, 300));
         assert_eq!(l.tasks(), 0);
     }
 

@@ -16,6 +16,7 @@ use aya::{
 };
 use monitor_common::{
     ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS, MAX_WORKERS,
+    TASK_EXITING,
 };
 
 pub use self::{
@@ -111,6 +112,9 @@ pub struct KernelReading {
     pub kernel_ns: u64,
     /// Fork, exec and process-exit events since the last pass, oldest first.
     pub events: Vec<TaskEvent>,
+    /// Worker cgroup id → its processes (thread group ids, sorted) not exiting, as the
+    /// iterator found them; `None` without the iterator.
+    pub processes: Option<HashMap<u64, Vec<u32>>>,
 }
 
 impl Probes {
@@ -262,9 +266,9 @@ impl Probes {
         }
         let mut events = self.drain_events();
         self.ledger.begin_pass();
-        let (at_ns, kernel_ns) = match self.availability_of_iterator() {
-            true => self.iterate()?,
-            false => (monotonic_ns(), 0),
+        let (at_ns, kernel_ns, processes) = match self.availability_of_iterator() {
+            true => self.iterate().map(|(at, k, p)| (at, k, Some(p)))?,
+            false => (monotonic_ns(), 0, None),
         };
         events.extend(self.finals_of_the_unseen());
         self.ledger.end_pass(at_ns);
@@ -313,7 +317,7 @@ impl Probes {
             .into_iter()
             .filter(|e| e.kind != TaskEventKind::Free as u32 && e.kind != TaskEventKind::Moved as u32)
             .collect();
-        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events })
+        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events, processes })
     }
 
     fn availability_of_iterator(&self) -> bool {
@@ -363,8 +367,9 @@ impl Probes {
     }
 
     /// Runs the task iterator once and folds its records into the ledger; returns when it
-    /// started (CLOCK_MONOTONIC ns) and the CPU time it took this thread, ns.
-    fn iterate(&mut self) -> Result<(u64, u64)> {
+    /// started (CLOCK_MONOTONIC ns), the CPU time it took this thread (ns), and each
+    /// worker's processes.
+    fn iterate(&mut self) -> Result<(u64, u64, HashMap<u64, Vec<u32>>)> {
         let program: &mut Iter = self
             .ebpf
             .program_mut(figures::TASK_COUNTERS)
@@ -385,12 +390,20 @@ impl Probes {
         file.read_to_end(&mut bytes).map_err(|e| Error::Iterator(e.to_string()))?;
         let kernel_ns = thread_cpu_ns().saturating_sub(cpu_before);
         const SIZE: usize = std::mem::size_of::<TaskRecord>();
+        let mut processes: HashMap<u64, Vec<u32>> = HashMap::new();
         for chunk in bytes.chunks_exact(SIZE) {
             // SAFETY: each chunk is one TaskRecord the program wrote, plain old data.
             let record = unsafe { chunk.as_ptr().cast::<TaskRecord>().read_unaligned() };
             self.ledger.record(&record);
+            if record.flags & TASK_EXITING == 0 {
+                processes.entry(record.worker).or_default().push(record.tgid);
+            }
         }
-        Ok((at_ns, kernel_ns))
+        for pids in processes.values_mut() {
+            pids.sort_unstable();
+            pids.dedup();
+        }
+        Ok((at_ns, kernel_ns, processes))
     }
 }
 
