@@ -21,11 +21,11 @@ fn rss_kib(pid: u32) -> u64 {
     proc_field(pid, "status", "VmRSS:")
 }
 
-/// A worker's process is started outside it and moves itself in; its CPU time up to the
-/// move is left out as of the `cgroup_attach_task` tracepoint, while the kernel gives the
-/// worker what it charges after the move itself, a moment earlier. A preemption between the
-/// two can shift up to the time the process had run since its last charge (here ~0.2 ms).
-const START_SLACK_NS: u64 = 500_000;
+/// A worker's process is started outside it and moves itself in; what it ran up to the move
+/// is left out as charged at the `cgroup_attach_task` tracepoint, a moment after the kernel
+/// switched its cgroups. A charge in between (a tick, a preemption) lands on the other side:
+/// up to what the process ran before the move (0.2 to 1 ms here under load).
+const START_SLACK_NS: u64 = 1_500_000;
 
 #[test]
 fn workers_and_processes_come_and_go() {

@@ -177,10 +177,11 @@ fn in_flight_time_is_counted() {
         let w = worker(&sample, "8080");
         let ours = w.counters.cpu_ns;
         let after_reading = frozen_at as i64 - w.at_ns as i64;
-        // The uncharged time is wall time; the kernel's charge leaves out what a hypervisor
-        // stole from the vCPU meanwhile, hence the slack.
+        // The uncharged time is scaled by the share of time the run queue's clock kept
+        // (not stolen by the hypervisor) so far; a burst of steal since its last update
+        // still leaves it ahead, hence the slack (steal here reaches 20 %, of up to a tick).
         assert!(
-            ours <= kernel_ns + 1_000_000,
+            ours <= kernel_ns + 2_000_000,
             "round {i}: monitor {ours} ns is ahead of what the kernel charged by the freeze, {kernel_ns} ns"
         );
         // What the monitor lacks beyond what ran after its reading.

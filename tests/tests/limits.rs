@@ -58,7 +58,7 @@ fn more_workers_than_the_map_holds() {
         let (ours, theirs) = (w.counters.cpu_ns, kernel[i]);
         eprintln!("w{i}: monitor {ours} ns, cpu.stat {theirs} ns, forked {:?}", json.processes_forked_total);
         // The process's start straddles its move into the worker (see churn.rs).
-        assert!(ours.abs_diff(theirs) <= theirs / 200 + 500_000, "w{i}: {ours} vs cpu.stat {theirs}");
+        assert!(ours.abs_diff(theirs) <= theirs / 200 + 1_500_000, "w{i}: {ours} vs cpu.stat {theirs}");
         assert!(json.cpu_pct.is_some() && json.io_syscall_w_mb_s.is_some(), "w{i}: {json:?}");
         match json.processes_forked_total {
             Some(n) => {

@@ -90,8 +90,21 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Counts a snapshot of a task's counters.
+    /// Counts the iterator's snapshot of a task's counters in this pass.
     pub fn record(&mut self, r: &TaskRecord) {
+        self.count(r);
+        if let Some(s) = self.tasks.get_mut(&(r.tid, r.start_ns)) {
+            s.seen = self.pass;
+        }
+    }
+
+    /// Counts a snapshot of a task's counters that an event carried. Only the iterator's
+    /// sightings say a task is still there.
+    pub fn note(&mut self, r: &TaskRecord) {
+        self.count(r);
+    }
+
+    fn count(&mut self, r: &TaskRecord) {
         let pass = self.pass;
         let key = (r.tid, r.start_ns);
         let counted = match self.tasks.get(&key) {
@@ -101,8 +114,9 @@ impl Ledger {
         };
         let (grown, counted) = growth(&counted, &r.counters);
         pairs!(self.totals.entry(r.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
-        let exiting = self.tasks.get(&key).is_some_and(|s| s.exiting);
-        self.tasks.insert(key, TaskState { worker: r.worker, exiting, counted, seen: pass });
+        // A task first known from an event has not been seen by an iterator yet.
+        let (exiting, seen) = self.tasks.get(&key).map_or((false, pass.saturating_sub(1)), |s| (s.exiting, s.seen));
+        self.tasks.insert(key, TaskState { worker: r.worker, exiting, counted, seen });
     }
 
     /// A task moved to another cgroup, with its counters then: what it ran before goes to
@@ -119,14 +133,11 @@ impl Ledger {
                     (s.worker, s.counted) = (r.worker, counted);
                 }
             }
-            // A task born since the last pass and moving in (a worker's process started
-            // outside) counts from zero: the kernel charges a running task's uncharged time,
-            // nearly all of a new one's, to the cgroup it is in when next charged, which is
-            // mostly after the move.
+            // From outside (a worker's process is started outside and moves itself in): it
+            // counts from its counters at the move.
             None if r.worker != 0 => {
-                let counted =
-                    if self.born_since_last_pass(r.start_ns) { TaskCounters::default() } else { r.counters };
-                let state = TaskState { worker: r.worker, exiting: false, counted, seen: self.pass };
+                let state =
+                    TaskState { worker: r.worker, exiting: false, counted: r.counters, seen: self.pass.saturating_sub(1) };
                 self.tasks.insert(key, state);
             }
             None => {}
@@ -135,14 +146,15 @@ impl Ledger {
 
     /// Counts a task's counters as it begins to exit; its final ones are to come (`end`).
     pub fn exit(&mut self, r: &TaskRecord) {
-        self.record(r);
+        self.note(r);
         if let Some(s) = self.tasks.get_mut(&(r.tid, r.start_ns)) {
             s.exiting = true;
         }
     }
 
-    /// Tasks that have begun to exit, are gone from this pass (reaped) and whose final
-    /// counters have not come yet. A zombie is still in the pass, with final counters.
+    /// Tasks that have begun to exit, that this pass's iterator did not see (they were
+    /// reaped) and whose final counters have not come yet. A zombie the iterator saw has its
+    /// final counters already.
     pub fn awaiting_end(&self) -> usize {
         self.tasks.values().filter(|s| s.exiting && s.seen != self.pass).count()
     }
@@ -152,7 +164,7 @@ impl Ledger {
     /// (time a hypervisor stole): what was counted beyond them is taken back. A worker's
     /// total can thus step back by microseconds; the sampler keeps what it reports monotonic.
     pub fn end(&mut self, r: &TaskRecord) {
-        self.record(r);
+        self.note(r);
         if let Some(s) = self.tasks.remove(&(r.tid, r.start_ns)) {
             let (over, _) = growth(&r.counters, &s.counted);
             pairs!(self.totals.entry(r.worker).or_default(), &over, |w: &mut u64, d: u64| *w = w.saturating_sub(d));
@@ -287,15 +299,13 @@ mod tests {
     }
 
     #[test]
-    fn a_task_moved_in_counts_from_the_move_unless_new() {
+    fn a_task_moved_in_counts_from_the_move() {
         let mut l = Ledger::default();
         pass(&mut l, 1_000_000_000, &[]);
-        // Old, from outside: 150 ns ran before it joined worker 7.
-        l.moved(&rec(7, 17, 100, 150));
-        // New: counted whole.
-        l.moved(&rec(7, 18, 1_100_000_000, 150));
-        pass(&mut l, 2_000_000_000, &[rec(7, 17, 100, 1_150), rec(7, 18, 1_100_000_000, 200)]);
-        assert_eq!(l.totals()[&7].cpu_ns, 1_000 + 200);
+        // Born since the last pass, outside: 150 ns ran before it joined worker 7.
+        l.moved(&rec(7, 17, 1_100_000_000, 150));
+        pass(&mut l, 2_000_000_000, &[rec(7, 17, 1_100_000_000, 1_150)]);
+        assert_eq!(l.totals()[&7].cpu_ns, 1_000);
         l.forget(7);
         l.moved(&rec(7, 17, 100, 1_150));
         // Then it moves to worker 8, and out of the slice.

@@ -338,7 +338,7 @@ impl Probes {
                 k if k == TaskEventKind::Free as u32 => self.ledger.end(&event.task),
                 k if k == TaskEventKind::Exit as u32 => self.ledger.exit(&event.task),
                 k if k == TaskEventKind::Moved as u32 => self.ledger.moved(&event.task),
-                _ => self.ledger.record(&event.task),
+                _ => self.ledger.note(&event.task),
             }
             events.push(event);
         }
