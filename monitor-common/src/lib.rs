@@ -65,6 +65,14 @@ pub struct ProcessCounts {
     pub exited: u64,
 }
 
+/// The offset `CLOCK_MONOTONIC − sched_clock` the task iterator measured last, so the exit
+/// probe can tell how long a running task has gone uncharged. 0 until the first iteration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockOffset {
+    pub monotonic_minus_sched_ns: u64,
+}
+
 /// The watched slice. Kept in a one-entry array map so the loader can set it when the slice
 /// appears (or re-appears with a new id) without reloading the program. Its depth is fixed
 /// for the program's life and is a load-time constant (`KernelLayout::slice_level`).
@@ -213,6 +221,7 @@ mod pod {
     unsafe impl aya::Pod for super::TaskCounters {}
     unsafe impl aya::Pod for super::TaskRecord {}
     unsafe impl aya::Pod for super::ProcessCounts {}
+    unsafe impl aya::Pod for super::ClockOffset {}
     unsafe impl aya::Pod for super::SliceFilter {}
     unsafe impl aya::Pod for super::ProbeStats {}
     unsafe impl aya::Pod for super::KernelLayout {}

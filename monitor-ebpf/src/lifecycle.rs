@@ -8,8 +8,8 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use monitor_common::{TaskEventKind, EXIT_PROCESS, MISSING};
 
 use crate::{
-    kernel::{layout, KernelPtr, Task},
-    maps::{emit, process_counts, slice},
+    kernel::{layout, sched_now, KernelPtr, Task},
+    maps::{clock_offset, emit, process_counts, slice},
 };
 
 /// Tracepoint argument `I`, a task. Positions are compiled in: the verifier allows only
@@ -36,7 +36,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if let Some(c) = process_counts(&ctx, worker) {
         c.forked += 1;
     }
-    emit(TaskEventKind::Fork, 0, parent, child, worker);
+    emit(TaskEventKind::Fork, 0, parent, child, worker, None);
     0
 }
 
@@ -48,7 +48,7 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     if let Some(c) = process_counts(&ctx, worker) {
         c.execs += 1;
     }
-    emit(TaskEventKind::Exec, 0, 0, task, worker);
+    emit(TaskEventKind::Exec, 0, 0, task, worker, None);
     0
 }
 
@@ -67,8 +67,9 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
             c.exited += 1;
         }
     }
-    // Its time since its last charge comes with its final counters (`sched_process_free`).
-    emit(TaskEventKind::Exit, if process_ends { EXIT_PROCESS } else { 0 }, 0, task, worker);
+    // The task is running here: with the clock offset its uncharged time is known too.
+    let sched_now = clock_offset().map(sched_now);
+    emit(TaskEventKind::Exit, if process_ends { EXIT_PROCESS } else { 0 }, 0, task, worker, sched_now);
     0
 }
 
@@ -78,7 +79,7 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     let Some(task) = task_arg::<0>(&ctx) else { return 0 };
     // A freed task keeps its cgroups until the very end, and never runs again.
     let Some(worker) = task.worker(slice) else { return 0 };
-    emit(TaskEventKind::Free, 0, 0, task, worker);
+    emit(TaskEventKind::Free, 0, 0, task, worker, None);
     0
 }
 
@@ -93,6 +94,6 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
     let Some(task) = task_arg::<2>(&ctx) else { return 0 };
     // Its v2 cgroup after the move (a v1 move leaves it as it was).
     let worker = task.worker(slice).unwrap_or(0);
-    emit(TaskEventKind::Moved, 0, 0, task, worker);
+    emit(TaskEventKind::Moved, 0, 0, task, worker, None);
     0
 }

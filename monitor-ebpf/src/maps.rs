@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, EVENTS_BYTES, MAX_WORKERS,
+    ClockOffset, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, EVENTS_BYTES, MAX_WORKERS,
 };
 
 use crate::kernel::{monotonic_ns, Task};
@@ -19,6 +19,10 @@ pub static WORKERS: PerCpuHashMap<u64, ProcessCounts> = PerCpuHashMap::with_max_
 /// The watched slice (one entry), set by the loader.
 #[map]
 pub static SLICE: Array<SliceFilter> = Array::with_max_entries(1, 0);
+
+/// The clock offset the last task iteration measured, for the exit probe.
+#[map]
+pub static CLOCK: Array<ClockOffset> = Array::with_max_entries(1, 0);
 
 /// Task events of the workers, to the loader.
 #[map]
@@ -38,6 +42,20 @@ pub fn slice() -> Option<&'static SliceFilter> {
 pub fn stats() -> Option<&'static mut ProbeStats> {
     // SAFETY: per-CPU value, and the probes do not nest on one CPU.
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The last measured `CLOCK_MONOTONIC − sched_clock`, `None` before the first iteration.
+#[inline(always)]
+pub fn clock_offset() -> Option<u64> {
+    CLOCK.get(0).map(|c| c.monotonic_minus_sched_ns).filter(|o| *o != 0)
+}
+
+#[inline(always)]
+pub fn set_clock_offset(offset: u64) {
+    if let Some(c) = CLOCK.get_ptr_mut(0) {
+        // SAFETY: a plain u64 store; a racing reader sees the old or the new offset.
+        unsafe { (*c).monotonic_minus_sched_ns = offset };
+    }
 }
 
 /// This CPU's process counts of `worker`, created on the worker's first event.
@@ -66,7 +84,7 @@ pub fn process_counts<C: EbpfContext>(ctx: &C, worker: u64) -> Option<&'static m
 /// buffer (no struct copy, see `Task::fill_counters`); a full ring buffer is counted, not
 /// waited on.
 #[inline(always)]
-pub fn emit(kind: TaskEventKind, flags: u32, parent: u32, task: Task, worker: u64) {
+pub fn emit(kind: TaskEventKind, flags: u32, parent: u32, task: Task, worker: u64, sched_now: Option<u64>) {
     let Some(mut entry) = EVENTS.reserve::<TaskEvent>(0) else {
         if let Some(s) = stats() {
             s.events_lost += 1;
@@ -81,7 +99,7 @@ pub fn emit(kind: TaskEventKind, flags: u32, parent: u32, task: Task, worker: u6
         (*e).parent = parent;
         (*e)._pad = 0;
         (*e).at_ns = monotonic_ns();
-        task.fill_record(&mut (*e).task, worker, None);
+        task.fill_record(&mut (*e).task, worker, sched_now);
     }
     entry.submit(0);
 }

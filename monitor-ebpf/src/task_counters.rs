@@ -10,7 +10,7 @@ use monitor_common::TaskRecord;
 
 use crate::{
     kernel::{self, KernelPtr, Task},
-    maps::slice,
+    maps::{set_clock_offset, slice},
 };
 
 /// `bpf_iter_meta.seq` and `.session_id`: fixed since iterators exist (5.8).
@@ -44,6 +44,9 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
         if SESSION != session {
             SESSION = session;
             OFFSET = kernel::clock_offset().unwrap_or(0);
+            if OFFSET != 0 {
+                set_clock_offset(OFFSET);
+            }
         }
         OFFSET
     };
