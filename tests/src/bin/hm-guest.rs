@@ -28,7 +28,7 @@ const GROUP: &str = "matrix";
 const LISTEN: &str = "127.0.0.1:7835";
 const MIB: u64 = 1 << 20;
 
-/// SPEC §4: per-interval CPU% within 0.5 percentage points of `cpu.stat`.
+/// The accuracy target: per-interval CPU% within 0.5 percentage points of `cpu.stat`.
 const CPU_BOUND_PP: f64 = 0.5;
 /// Bytes within 0.1 % of the kernel's per-process figures and of what the load moved.
 const IO_BOUND_PCT: f64 = 0.1;
