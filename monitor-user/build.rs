@@ -1,5 +1,5 @@
 //! Builds `monitor-ebpf` for the BPF target and leaves the object in OUT_DIR, where
-//! `probes::load` embeds it. The toolchain is the one `scripts/setup` installs (TOOLCHAIN.md).
+//! `probes::load` embeds it. The toolchain is the one `scripts/setup` installs (see its header).
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {

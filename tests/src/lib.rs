@@ -335,3 +335,18 @@ pub fn wait_for(mut done: impl FnMut() -> bool, limit: std::time::Duration, what
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Pins the process `cmd` starts to CPU `cpu`, between fork and exec.
+pub fn pin_to_cpu(cmd: &mut Command, cpu: usize) {
+    // SAFETY: sched_setaffinity is a plain system call, safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

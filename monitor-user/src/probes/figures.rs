@@ -35,7 +35,7 @@ pub fn program_needs(program: &str) -> &'static [&'static str] {
         TASK_COUNTERS => &["bpf_iter__task.meta", "bpf_iter__task.task", "helper:bpf_seq_write"],
         FORK => &[FORK, "sched_process_fork.parent", "sched_process_fork.child", "helper:bpf_ringbuf_output"],
         EXEC => &[EXEC, "sched_process_exec.p", "helper:bpf_ringbuf_output"],
-        EXIT => &[EXIT, "sched_process_exit.p", "helper:bpf_ringbuf_output"],
+        EXIT => &[EXIT, "sched_process_exit.p", "sched_process_exit.group_dead", "helper:bpf_ringbuf_output"],
         FREE => &[FREE, "sched_process_free.p", "helper:bpf_ringbuf_output"],
         ATTACH => &[ATTACH, "cgroup_attach_task.task", "helper:bpf_ringbuf_output"],
         _ => &[],

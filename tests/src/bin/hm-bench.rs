@@ -730,18 +730,7 @@ fn first_cpu() -> usize {
 fn perf_pipe(perf: &Path, cgroup: &Path, loops: u64, cpu: usize) -> Result<(f64, f64), String> {
     let mut cmd =
         command_in(perf.to_str().unwrap(), &[cgroup], &["bench", "sched", "pipe", "-l", &loops.to_string()]);
-    // SAFETY: sched_setaffinity is a plain system call, safe between fork and exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    hive_monitor_tests::pin_to_cpu(&mut cmd, cpu);
     let out = cmd.output().map_err(|e| format!("cannot run perf: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {

@@ -12,7 +12,6 @@
 //!     hm-guest [--daemon PATH] [--load PATH] [--disk DEV] [--disk-mib N] [--quick]
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::{Arc, Condvar, Mutex},
@@ -290,17 +289,7 @@ impl Load {
         std::fs::create_dir_all(&dir)?;
         let mut cmd = hive_monitor_tests::command_in(exe, &[&dir], args);
         if let Some(cpu) = cpu {
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            hive_monitor_tests::pin_to_cpu(&mut cmd, cpu);
         }
         let child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
         Ok(Self { child, dir })
