@@ -68,12 +68,12 @@ const BIRTH_MARGIN_NS: u64 = 50_000_000;
 /// lost; it is forgotten. One that has exited waits longer for its final counters: they come
 /// an RCU grace period after it is reaped, which can take seconds on a busy host.
 const FORGET_AFTER_PASSES: u64 = 3;
-const FORGET_EXITED_AFTER_PASSES: u64 = 60;
+const FORGET_EXITED_AFTER_NS: u64 = 30_000_000_000;
 
 struct TaskState {
     worker: u64,
-    /// It has begun to exit; its final counters are to come.
-    exiting: bool,
+    /// When it began to exit (CLOCK_MONOTONIC ns); its final counters are to come.
+    exited_at: Option<u64>,
     /// What has been counted of it so far.
     counted: TaskCounters,
     /// The last pass that saw it.
@@ -115,8 +115,9 @@ impl Ledger {
         let (grown, counted) = growth(&counted, &r.counters);
         pairs!(self.totals.entry(r.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
         // A task first known from an event has not been seen by an iterator yet.
-        let (exiting, seen) = self.tasks.get(&key).map_or((false, pass.saturating_sub(1)), |s| (s.exiting, s.seen));
-        self.tasks.insert(key, TaskState { worker: r.worker, exiting, counted, seen });
+        let (exited_at, seen) =
+            self.tasks.get(&key).map_or((None, pass.saturating_sub(1)), |s| (s.exited_at, s.seen));
+        self.tasks.insert(key, TaskState { worker: r.worker, exited_at, counted, seen });
     }
 
     /// A task moved to another cgroup, with its counters then: what it ran before goes to
@@ -137,18 +138,19 @@ impl Ledger {
             // counts from its counters at the move.
             None if r.worker != 0 => {
                 let state =
-                    TaskState { worker: r.worker, exiting: false, counted: r.counters, seen: self.pass.saturating_sub(1) };
+                    TaskState { worker: r.worker, exited_at: None, counted: r.counters, seen: self.pass.saturating_sub(1) };
                 self.tasks.insert(key, state);
             }
             None => {}
         }
     }
 
-    /// Counts a task's counters as it begins to exit; its final ones are to come (`end`).
-    pub fn exit(&mut self, r: &TaskRecord) {
+    /// Counts a task's counters as it begins to exit, at `at_ns`; its final ones are to come
+    /// (`end`).
+    pub fn exit(&mut self, r: &TaskRecord, at_ns: u64) {
         self.note(r);
         if let Some(s) = self.tasks.get_mut(&(r.tid, r.start_ns)) {
-            s.exiting = true;
+            s.exited_at = Some(at_ns);
         }
     }
 
@@ -156,7 +158,7 @@ impl Ledger {
     /// reaped) and whose final counters have not come yet. A zombie the iterator saw has its
     /// final counters already.
     pub fn awaiting_end(&self) -> usize {
-        self.tasks.values().filter(|s| s.exiting && s.seen != self.pass).count()
+        self.tasks.values().filter(|s| s.exited_at.is_some() && s.seen != self.pass).count()
     }
 
     /// Counts a task's final counters and forgets it. They are exact, unlike a running
@@ -183,8 +185,9 @@ impl Ledger {
     /// Ends a pass begun at `at_ns`: forgets tasks long unseen.
     pub fn end_pass(&mut self, at_ns: u64) {
         let pass = self.pass;
-        self.tasks.retain(|_, s| {
-            pass - s.seen < if s.exiting { FORGET_EXITED_AFTER_PASSES } else { FORGET_AFTER_PASSES }
+        self.tasks.retain(|_, s| match s.exited_at {
+            Some(exited) => at_ns.saturating_sub(exited) < FORGET_EXITED_AFTER_NS,
+            None => pass - s.seen < FORGET_AFTER_PASSES,
         });
         self.last_pass_ns = Some(at_ns);
     }
@@ -247,7 +250,7 @@ mod tests {
     fn a_task_born_and_ended_between_passes_counts_whole() {
         let mut l = Ledger::default();
         pass(&mut l, 1_000_000_000, &[]);
-        l.exit(&rec(7, 11, 1_200_000_000, 300));
+        l.exit(&rec(7, 11, 1_200_000_000, 300), 1_300_000_000);
         l.begin_pass();
         assert_eq!(l.awaiting_end(), 1);
         l.end(&rec(7, 11, 1_200_000_000, 320));

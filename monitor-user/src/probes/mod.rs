@@ -336,7 +336,7 @@ impl Probes {
             let event = unsafe { item.as_ptr().cast::<TaskEvent>().read_unaligned() };
             match event.kind {
                 k if k == TaskEventKind::Free as u32 => self.ledger.end(&event.task),
-                k if k == TaskEventKind::Exit as u32 => self.ledger.exit(&event.task),
+                k if k == TaskEventKind::Exit as u32 => self.ledger.exit(&event.task, event.at_ns),
                 k if k == TaskEventKind::Moved as u32 => self.ledger.moved(&event.task),
                 _ => self.ledger.note(&event.task),
             }
