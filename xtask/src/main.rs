@@ -29,7 +29,12 @@ enum Cmd {
     },
     /// Measure the monitor's cost and accuracy (as root), then fuzz each parser briefly:
     /// prints tables and writes the figures to target/bench/bench.json and fuzz.json.
-    Bench,
+    Bench {
+        /// Only these sections (comma-separated: ebpf_cost, host_cost, kernel_time, daemon,
+        /// cpu_accuracy, io_accuracy); the fuzzers then do not run.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// Run each fuzz target (cargo fuzz, libFuzzer) for a bounded time and print the
     /// executions reached; writes target/bench/fuzz.json.
     Fuzz {
@@ -98,7 +103,7 @@ fn xtask(cli: Cli) -> Result<()> {
             let args = if args.is_empty() { vec!["run".to_string()] } else { args };
             run(Command::new(daemon).args(args))
         }
-        Cmd::Bench => {
+        Cmd::Bench { only } => {
             // perf, hackbench, nginx, wrk; without them hm-bench skips those workloads, saying so.
             if let Err(e) = run(Command::new("bash").arg(root.join("scripts/bench-deps"))) {
                 eprintln!("xtask: {e:#}");
@@ -122,8 +127,12 @@ fn xtask(cli: Cli) -> Result<()> {
                 .arg("--out")
                 .arg(dir.join("bench.json"))
                 .arg("--scratch")
-                .arg(&dir))?;
-            fuzz(&root, BENCH_FUZZ_SECONDS)
+                .arg(&dir)
+                .args(only.iter().flat_map(|s| ["--only", s.as_str()])))?;
+            match only.is_empty() {
+                true => fuzz(&root, BENCH_FUZZ_SECONDS),
+                false => Ok(()),
+            }
         }
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
         Cmd::Test { args } => run(Command::new(cargo()).current_dir(&root).arg("test").args(args)),

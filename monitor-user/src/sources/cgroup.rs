@@ -1,6 +1,6 @@
 //! The cgroup2 tree: where it is mounted, the watched slice, and the workers in it.
 use std::{
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
@@ -60,8 +60,6 @@ pub struct WorkerCgroup {
     pub dir: PathBuf,
     /// Path relative to the cgroup2 root, as `/proc/<pid>/cgroup` shows it (leading `/`).
     pub path: String,
-    /// Whether it had child cgroups when found.
-    pub nested: bool,
 }
 
 impl Slice {
@@ -109,32 +107,30 @@ impl Slice {
         let dir = self.dir();
         let mut out = Vec::new();
         for (group, group_dir, _) in subdirs(&dir)? {
-            for (instance, instance_dir, meta) in subdirs(&group_dir)? {
+            for (instance, instance_dir, id) in subdirs(&group_dir)? {
                 let path = format!("/{}/{group}/{instance}", self.rel.display());
-                out.push(WorkerCgroup {
-                    id: meta.ino(),
-                    group: group.clone(),
-                    instance,
-                    dir: instance_dir,
-                    path,
-                    nested: has_children(&meta),
-                });
+                out.push(WorkerCgroup { id, group: group.clone(), instance, dir: instance_dir, path });
             }
         }
-        out.sort_by(|a, b| (&a.group, &a.instance).cmp(&(&b.group, &b.instance)));
+        out.sort_unstable_by(|a, b| (&a.group, &a.instance).cmp(&(&b.group, &b.instance)));
         Ok(out)
     }
 }
 
 /// A cgroup directory's link count is 2 + its child cgroups (kernfs keeps it so): a stat
 /// spares listing the ~30 interface files of a cgroup without children.
-fn has_children(meta: &std::fs::Metadata) -> bool {
+pub fn has_children(dir: &Path) -> bool {
+    std::fs::metadata(dir).is_ok_and(|m| nlink_children(&m))
+}
+
+fn nlink_children(meta: &std::fs::Metadata) -> bool {
     meta.nlink() > 2
 }
 
-/// Child cgroups of `dir` with valid names, each with its metadata (read relative to `dir`,
-/// a short path walk). A directory that vanished has none.
-fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf, std::fs::Metadata)>> {
+/// Child cgroups of `dir` with valid names, each with its inode number (the cgroup id), which
+/// the directory listing carries: no stat per worker each sample. A directory that vanished
+/// has none.
+fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -146,9 +142,8 @@ fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf, std::fs::Metadata)>> {
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        let Ok(meta) = entry.metadata() else { continue }; // just removed
         match entry.file_name().into_string() {
-            Ok(name) if valid_name(&name) => out.push((name, entry.path(), meta)),
+            Ok(name) if valid_name(&name) => out.push((name, entry.path(), entry.ino())),
             name => log::warn!("skipping cgroup with an invalid name {:?} in {}", name, dir.display()),
         }
     }
@@ -171,18 +166,28 @@ pub fn cpu_usage_ns(dir: &Path) -> Result<u64> {
 
 /// Processes in the cgroup at `dir` and every cgroup below it.
 pub fn procs(dir: &Path) -> Result<Vec<u32>> {
-    procs_below(dir, std::fs::metadata(dir).is_ok_and(|m| has_children(&m)))
+    procs_below(dir, has_children(dir))
 }
 
-/// The processes of a worker, in its cgroup and below; its own `cgroup.procs` through
-/// `files`, which keeps it open for the next sample.
+/// The processes of a worker, in its cgroup and below.
 pub fn worker_procs(worker: &WorkerCgroup, files: &mut super::KeptFiles) -> Result<Vec<u32>> {
-    let file = worker.dir.join("cgroup.procs");
+    procs_kept(&worker.dir, has_children(&worker.dir), files)
+}
+
+/// Processes in the cgroup at `dir` and, when `nested`, below it; its own `cgroup.procs`
+/// through `files`, which keeps it open for the next sample.
+pub fn procs_kept(dir: &Path, nested: bool, files: &mut super::KeptFiles) -> Result<Vec<u32>> {
+    let file = dir.join("cgroup.procs");
     let text = files.read(&file).map_err(|e| Error::io(&file, e))?;
     let mut out = pids(&text);
-    if worker.nested {
-        for (child, nested) in subdirs_any(&worker.dir).map_err(|e| Error::io(&worker.dir, e))? {
-            out.extend(procs_below(&child, nested)?);
+    if nested {
+        for (child, nested) in subdirs_any(dir).map_err(|e| Error::io(dir, e))? {
+            match procs_below(&child, nested) {
+                Ok(p) => out.extend(p),
+                // Removed since the listing: it holds no process.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(out)
@@ -214,7 +219,7 @@ fn subdirs_any(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
     Ok(std::fs::read_dir(dir)?
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| Some((e.path(), has_children(&e.metadata().ok()?))))
+        .filter_map(|e| Some((e.path(), nlink_children(&e.metadata().ok()?))))
         .collect())
 }
 

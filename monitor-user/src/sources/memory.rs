@@ -6,6 +6,7 @@
 //! memory. Here it is an error, and the figure is left out.
 use std::{
     collections::{hash_map::Entry, HashMap, HashSet},
+    ffi::OsString,
     path::{Path, PathBuf},
 };
 
@@ -46,11 +47,18 @@ pub struct MemorySource {
     /// The v1 memory hierarchy's mount point, on a hybrid host (there the v2 tree has no
     /// memory controller).
     v1_mount: Option<PathBuf>,
-    /// Main process → its v1 memory cgroup, as of the last lookup.
-    v1_dirs: HashMap<u32, PathBuf>,
-    /// The processes of each v1 memory cgroup looked at during this sample: when workers
-    /// share one, its members are listed once, not once per worker.
+    /// Main process → its v1 memory cgroup, as of the last lookup, and whether that had
+    /// child cgroups then (a child made since holds processes missing from the listing, so
+    /// the figure is summed from `/proc` until the next lookup: never a wrong one).
+    v1_dirs: HashMap<u32, (PathBuf, bool)>,
+    /// The processes of each v1 memory cgroup looked at during this sample.
     v1_members: HashMap<PathBuf, HashSet<u32>>,
+    /// v1 memory cgroups that the main processes of two or more workers are in: such a
+    /// cgroup holds more than any one worker, so its members need no listing (on a host
+    /// whose workers all share one, that listing would be every worker's processes, sorted,
+    /// once a sample).
+    /// (Keyed by the path's bytes: a `Path` hashes component by component.)
+    v1_shared: HashSet<OsString>,
     samples: u64,
     /// The memory files of the workers and their processes, kept open.
     files: KeptFiles,
@@ -62,6 +70,7 @@ impl MemorySource {
             v1_mount,
             v1_dirs: HashMap::new(),
             v1_members: HashMap::new(),
+            v1_shared: HashSet::new(),
             samples: 0,
             files: KeptFiles::default(),
         }
@@ -75,6 +84,9 @@ impl MemorySource {
         if self.samples.is_multiple_of(V1_DIR_REFRESH) {
             self.v1_dirs.clear();
         }
+        let mut seen = HashSet::new();
+        self.v1_shared =
+            self.v1_dirs.values().map(|(d, _)| d.as_os_str()).filter(|d| !seen.insert(*d)).map(Into::into).collect();
     }
 
     /// Forgets the main processes not in `live`.
@@ -88,19 +100,29 @@ impl MemorySource {
     /// next lookup.
     pub fn read(&mut self, dir: &Path, procs: &[u32], main: Option<u32>) -> Result<MemoryReading> {
         let Some(mount) = &self.v1_mount else {
-            if dir.join("memory.current").exists() {
-                return read_v2(&mut self.files, dir);
-            }
-            return read_procfs(&mut self.files, procs);
+            // Without the memory controller enabled on it, a v2 cgroup has no memory files.
+            return match read_v2(&mut self.files, dir) {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    read_procfs(&mut self.files, procs)
+                }
+                reading => reading,
+            };
         };
         if let Some(main) = main {
-            let v1 = match self.v1_dirs.entry(main) {
+            let (v1, nested) = match self.v1_dirs.entry(main) {
                 Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(v1_memory_dir(mount, main)?),
+                Entry::Vacant(e) => {
+                    let dir = v1_memory_dir(mount, main)?;
+                    let nested = cgroup::has_children(&dir);
+                    e.insert((dir, nested))
+                }
             };
+            if self.v1_shared.contains(v1.as_os_str()) {
+                return read_procfs(&mut self.files, procs);
+            }
             let inside = match self.v1_members.entry(v1.clone()) {
                 Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(cgroup::procs(v1)?.into_iter().collect()),
+                Entry::Vacant(e) => e.insert(cgroup::procs_kept(v1, *nested, &mut self.files)?.into_iter().collect()),
             };
             if inside.len() == procs.len() && procs.iter().all(|p| inside.contains(p)) {
                 return read_v1(&mut self.files, v1);

@@ -20,7 +20,9 @@ pub fn read_small(path: &std::path::Path) -> std::io::Result<String> {
 /// open-files limit leaves after `FD_RESERVE`; beyond that a file is read the plain way.
 #[derive(Default)]
 pub struct KeptFiles {
-    files: std::collections::HashMap<std::path::PathBuf, (std::fs::File, bool)>,
+    /// Keyed by the path's bytes: hashing and comparing a `Path` walks its components,
+    /// which showed in profiles at thousands of reads a second.
+    files: std::collections::HashMap<std::ffi::OsString, (std::fs::File, bool)>,
 }
 
 /// Descriptors left for everything else: sockets, the probes' maps and programs, libraries,
@@ -48,7 +50,7 @@ fn kept_limit() -> usize {
 impl KeptFiles {
     pub fn read(&mut self, path: &std::path::Path) -> std::io::Result<String> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some((file, used)) = self.files.get_mut(path) {
+        if let Some((file, used)) = self.files.get_mut(path.as_os_str()) {
             *used = true;
             match read_from_start(file) {
                 Ok(text) => return Ok(text),
@@ -60,13 +62,13 @@ impl KeptFiles {
         }
         let file = std::fs::File::open(path)?;
         let text = read_from_start(&file)?;
-        self.files.insert(path.to_path_buf(), (file, true));
+        self.files.insert(path.as_os_str().to_owned(), (file, true));
         KEPT.fetch_add(1, Relaxed);
         Ok(text)
     }
 
     fn forget(&mut self, path: &std::path::Path) {
-        if self.files.remove(path).is_some() {
+        if self.files.remove(path.as_os_str()).is_some() {
             KEPT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -85,16 +87,28 @@ impl Drop for KeptFiles {
     }
 }
 
+/// Reads until the end, or until a short read of under half a page: these files are
+/// seq_files, which fill the caller's buffer until the end or until their own page-sized
+/// buffer cannot take the next record (each well under half a page here), so such a read
+/// ends the file. That spares a second system call per file, which for thousands of files
+/// a sample is a large part of the daemon's cost.
 fn read_from_start(file: &std::fs::File) -> std::io::Result<String> {
     use std::os::unix::fs::FileExt;
-    let (mut buf, mut len) = (vec![0u8; 4096], 0);
+    const BUF: usize = 4096;
+    let (mut buf, mut len) = (vec![0u8; BUF], 0);
     loop {
         if len == buf.len() {
             buf.resize(len * 2, 0);
         }
+        let asked = buf.len() - len;
         match file.read_at(&mut buf[len..], len as u64) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => {
+                len += n;
+                if n < asked && len < BUF / 2 {
+                    break;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }

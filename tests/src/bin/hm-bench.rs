@@ -1,7 +1,7 @@
 //! The benchmark `cargo xtask bench` runs: what the monitor costs and how accurate it is,
 //! each measured side by side with its baseline, printed as tables and written as JSON.
 //!
-//!   hm-bench --daemon BIN --load BIN --out FILE --scratch DIR
+//!   hm-bench --daemon BIN --load BIN --out FILE --scratch DIR [--only SECTION]...
 //!
 //! Every cgroup it makes is below its own (`TestCgroup`) and removed before it exits, also when
 //! it fails. Network load stays on 127.0.0.1. No figure fails it: it reports.
@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 
 const DAEMON_WORKERS: [usize; 3] = [10, 100, 1000];
 /// Heartbeats at 1 Hz per daemon run; the first two (start-up) are left out of the cost.
-const DAEMON_BEATS: usize = 14;
+const DAEMON_BEATS: usize = 24;
 const MIB: u64 = 1 << 20;
 /// Rounds of each condition in the host-cost A/B, without and with the daemon alternating.
 const HOST_ROUNDS: usize = 5;
@@ -53,11 +53,14 @@ struct Args {
     load: String,
     out: PathBuf,
     scratch: PathBuf,
+    /// Sections to run; all when empty.
+    only: Vec<String>,
 }
 
 fn args() -> Args {
     let mut a = std::env::args().skip(1);
     let (mut daemon, mut load, mut out, mut scratch) = (None, None, None, None);
+    let mut only = Vec::new();
     while let Some(flag) = a.next() {
         if flag == "threads" {
             let n = a.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
@@ -70,17 +73,18 @@ fn args() -> Args {
             "--load" => load = Some(value),
             "--out" => out = Some(PathBuf::from(value)),
             "--scratch" => scratch = Some(PathBuf::from(value)),
+            "--only" => only.push(value),
             _ => usage(),
         }
     }
     match (daemon, load, out, scratch) {
-        (Some(daemon), Some(load), Some(out), Some(scratch)) => Args { daemon, load, out, scratch },
+        (Some(daemon), Some(load), Some(out), Some(scratch)) => Args { daemon, load, out, scratch, only },
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: hm-bench --daemon BIN --load BIN --out FILE --scratch DIR");
+    eprintln!("usage: hm-bench --daemon BIN --load BIN --out FILE --scratch DIR [--only SECTION]...");
     std::process::exit(2)
 }
 
@@ -106,16 +110,25 @@ fn main() {
     args.scratch = std::fs::canonicalize(&args.scratch).expect("scratch directory");
     let started = Instant::now();
     let mut report = json!({});
-    let mut section = |name: &str, value: Value| {
-        report[name] = value;
-        println!("   [{} s so far]", started.elapsed().as_secs());
-    };
-    section("ebpf_cost", ebpf_cost(&args));
-    section("host_cost", host_cost(&args));
-    section("kernel_time", kernel_time(&args));
-    section("daemon", daemon_cost(&args));
-    section("cpu_accuracy", cpu_accuracy(&args));
-    section("io_accuracy", io_accuracy(&args));
+    let sections: [(&str, fn(&Args) -> Value); 6] = [
+        ("ebpf_cost", ebpf_cost),
+        ("host_cost", host_cost),
+        ("kernel_time", kernel_time),
+        ("daemon", daemon_cost),
+        ("cpu_accuracy", cpu_accuracy),
+        ("io_accuracy", io_accuracy),
+    ];
+    for name in &args.only {
+        if !sections.iter().any(|(n, _)| n == name) {
+            usage();
+        }
+    }
+    for (name, run) in sections {
+        if args.only.is_empty() || args.only.iter().any(|o| o == name) {
+            report[name] = run(&args);
+            println!("   [{} s so far]", started.elapsed().as_secs());
+        }
+    }
     report["seconds"] = json!(started.elapsed().as_secs());
     let left = leftover_cgroups();
     println!("\ncgroups left behind: {left}; took {} s", started.elapsed().as_secs());
@@ -236,7 +249,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 fn daemon_cost(args: &Args) -> Value {
     println!("\n== Daemon at 1 Hz: workers are cgroups with one sleeping process each");
-    println!("   (RSS after 12 heartbeats; peak is VmHWM, reached while parsing the kernel's BTF at start;");
+    println!(
+        "   (CPU over heartbeats 2..{}; RSS after them; peak is VmHWM, reached while parsing the kernel's BTF at start;",
+        DAEMON_BEATS - 2
+    );
     println!("    kernel ms/sample from collector.self.kernel_s where the heartbeat has it, else the BPF");
     println!("    programs' run_time_ns over the same heartbeats, with kernel.bpf_stats_enabled=1)");
     println!(
