@@ -49,7 +49,11 @@ impl KernelPtr {
     /// `field`, or 0 when this kernel lacks the member.
     #[inline(always)]
     pub fn field_or_zero(self, off: u32) -> u64 {
-        if off == MISSING { 0 } else { self.field(off) }
+        if off == MISSING {
+            0
+        } else {
+            self.field(off)
+        }
     }
 
     /// A pointer member; `None` (and counted) when NULL, as for a task being torn down.

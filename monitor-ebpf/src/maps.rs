@@ -71,7 +71,10 @@ pub fn process_counts<C: EbpfContext>(ctx: &C, worker: u64) -> Option<&'static m
         None => {
             if let Some(s) = stats() {
                 if s.workers_full == 0 {
-                    warn!(ctx, "WORKERS map full ({} entries): worker cgroup {} not counted", MAX_WORKERS, worker);
+                    warn!(
+                        ctx,
+                        "WORKERS map full ({} entries): worker cgroup {} not counted", MAX_WORKERS, worker
+                    );
                 }
                 s.workers_full += 1;
             }

@@ -10,13 +10,14 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{parse_interval, Config},
+    config::{parse_interval, Config, Protocol},
     error::Error,
     heartbeat::{Heartbeat, HiveIdentity},
     lock::SliceLock,
     probes::{monotonic_ns, MapSizes},
+    rbee::Ready,
     sampler::{BpfMode, Sampler, SamplerOptions},
-    sinks::{api::PullApi, coordinator::Coordinator, stdout::Stdout},
+    sinks::{announce::Announcer, api::PullApi, coordinator::Coordinator, stdout::Stdout},
     sources::cgroup::{self, Slice},
     spawn, top,
 };
@@ -147,9 +148,19 @@ struct RunArgs {
     /// Directory the models are stored in; its file system's usage goes in each heartbeat.
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// POST heartbeats to `URL/v1/hive-heartbeat` instead of printing them.
+    /// Send heartbeats to this coordinator instead of printing them, as
+    /// `--coordinator-protocol` says.
     #[arg(long, value_name = "URL")]
     coordinator: Option<String>,
+    /// `stream`: announce this hive with `POST URL/v1/hive/ready`, and the coordinator
+    /// subscribes to `/v1/heartbeats/stream` (today's rbee queen). `push`: `POST` each
+    /// heartbeat to `URL/v1/hive-heartbeat` [default: stream].
+    #[arg(long, value_enum)]
+    coordinator_protocol: Option<Protocol>,
+    /// The URL the coordinator reaches the pull API at, sent in stream mode
+    /// [default: http://<the --listen address>, the host name for 0.0.0.0].
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
     /// File holding the bearer token for the coordinator.
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -176,10 +187,13 @@ struct RunArgs {
 /// The bounds within which a coordinator's `next_interval_ms` is honoured.
 const ACK_INTERVAL_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 
-/// Where heartbeats go.
+/// Where heartbeats go (besides the pull API, which always serves them).
 enum Sink {
     Stdout(Stdout),
-    Coordinator(Coordinator),
+    Push(Coordinator),
+    /// The coordinator subscribes to the pull API's stream; held for its thread, which
+    /// announces this hive until the sink is dropped.
+    Stream(#[allow(dead_code)] Announcer),
 }
 
 fn read_token(path: &std::path::Path) -> Result<String, Error> {
@@ -337,6 +351,8 @@ struct Settings {
     prewarm_threshold_pct: f64,
     model_dir: Option<PathBuf>,
     coordinator: Option<String>,
+    protocol: Protocol,
+    advertise_url: Option<String>,
     token_file: Option<PathBuf>,
     timeout: Duration,
 }
@@ -352,6 +368,8 @@ impl Settings {
                 .unwrap_or(DEFAULT_PREWARM_PCT),
             model_dir: args.model_dir.clone().or_else(|| config.model_dir.clone()),
             coordinator: args.coordinator.clone().or_else(|| config.coordinator.clone()),
+            protocol: args.coordinator_protocol.or(config.coordinator_protocol).unwrap_or(Protocol::Stream),
+            advertise_url: args.advertise_url.clone().or_else(|| config.advertise_url.clone()),
             token_file: args.token_file.clone().or_else(|| config.token_file.clone()),
             timeout: args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT),
         };
@@ -361,12 +379,46 @@ impl Settings {
         Ok(settings)
     }
 
-    fn sink(&self) -> Result<Sink, Error> {
+    fn sink(&self, api: &PullApi) -> Result<Sink, Error> {
         let token = self.token_file.as_deref().map(read_token).transpose()?;
-        Ok(match &self.coordinator {
-            Some(url) => Sink::Coordinator(Coordinator::start(url, token, self.timeout)?),
-            None => Sink::Stdout(Stdout::new()),
+        let Some(url) = &self.coordinator else { return Ok(Sink::Stdout(Stdout::new())) };
+        Ok(match self.protocol {
+            Protocol::Push => Sink::Push(Coordinator::start(url, token, self.timeout)?),
+            Protocol::Stream => {
+                if token.is_some() {
+                    log::warn!(
+                        "--token-file is for push mode; in stream mode the coordinator calls this daemon"
+                    );
+                }
+                let hive_url = match &self.advertise_url {
+                    Some(u) => advertised(u)?,
+                    None => advertised_from(api.addr),
+                };
+                let ready = Ready { hive_id: identity(self.hive_id.clone()).id, hive_url };
+                Sink::Stream(Announcer::start(url, ready, api.subscriber_gauge(), self.timeout)?)
+            }
         })
+    }
+}
+
+/// An `--advertise-url` as the queen will use it: http(s), without a trailing `/` (the
+/// queen appends `/v1/...` to it verbatim).
+fn advertised(url: &str) -> Result<String, Error> {
+    let err =
+        |reason: &str| Error::io("--advertise-url", std::io::Error::other(format!("`{url}`: {reason}")));
+    let parsed = reqwest::Url::parse(url).map_err(|e| err(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(err("needs to be an http:// or https:// URL with a host"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// The pull API's own address, with the host name when it listens on every address.
+fn advertised_from(addr: std::net::SocketAddr) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => format!("http://{}:{}", hostname(), addr.port()),
+        std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{}", addr.port()),
+        std::net::IpAddr::V4(ip) => format!("http://{ip}:{}", addr.port()),
     }
 }
 
@@ -387,6 +439,7 @@ fn reload(
     settings: &mut Settings,
     sampler: &mut Sampler,
     sink: &mut Sink,
+    api: &PullApi,
 ) {
     let Some(path) = &args.cgroup.config else {
         return log::info!("SIGHUP: no --config file to read again");
@@ -401,11 +454,17 @@ fn reload(
              on restart"
         );
     }
-    if new.1.coordinator != settings.coordinator
-        || new.1.token_file != settings.token_file
-        || new.1.timeout != settings.timeout
+    if (&new.1.coordinator, new.1.protocol, &new.1.advertise_url, &new.1.token_file, new.1.timeout)
+        != (
+            &settings.coordinator,
+            settings.protocol,
+            &settings.advertise_url,
+            &settings.token_file,
+            settings.timeout,
+        )
+        || (settings.protocol == Protocol::Stream && new.1.hive_id != settings.hive_id)
     {
-        match new.1.sink() {
+        match new.1.sink(api) {
             Ok(s) => *sink = s,
             Err(e) => return log::error!("SIGHUP: {e}; keeping the running settings"),
         }
@@ -444,7 +503,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         sampler.slice().dir().display(),
         humantime::format_duration(settings.interval)
     );
-    let mut sink = settings.sink()?;
+    let mut sink = settings.sink(&api)?;
     crate::privilege::drop_unneeded()?;
     let mut interval_ns = settings.interval.as_nanos() as u64;
     let mut server_status: Option<String> = None;
@@ -474,7 +533,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
                 }
                 // Reload, then wait again: the interval being waited out may have changed.
                 Woken::Hangup => {
-                    reload(&args, &mut config, &mut settings, &mut sampler, &mut sink);
+                    reload(&args, &mut config, &mut settings, &mut sampler, &mut sink, &api);
                     interval_ns = settings.interval.as_nanos() as u64;
                     hive = identity(settings.hive_id.clone());
                 }
@@ -485,6 +544,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         if stopping {
             heartbeat.hive.operational_status = "stopping".into();
         }
+        heartbeat.collector.stream_subscribers = api.subscribers();
         let heartbeat = Arc::new(heartbeat);
         api.publish(Arc::clone(&heartbeat));
         match &mut sink {
@@ -493,7 +553,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
                 Err(e) => return Err(Error::io("standard output", e)),
                 Ok(()) => {}
             },
-            Sink::Coordinator(c) => {
+            Sink::Stream(_) => {}
+            Sink::Push(c) => {
                 c.send(&heartbeat);
                 if let Some(ack) = c.take_ack() {
                     if ack.server_status.is_some() && ack.server_status != server_status {

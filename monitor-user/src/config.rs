@@ -23,12 +23,24 @@ pub struct Config {
     pub prewarm_threshold: Option<f64>,
     pub model_dir: Option<PathBuf>,
     pub coordinator: Option<String>,
+    pub coordinator_protocol: Option<Protocol>,
+    pub advertise_url: Option<String>,
     pub token_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "interval")]
     pub timeout: Option<Duration>,
     pub listen: Option<SocketAddr>,
     pub api_token_file: Option<PathBuf>,
     pub max_workers: Option<u32>,
+}
+
+/// How heartbeats reach the coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The coordinator subscribes to `/v1/heartbeats/stream` once told `/v1/hive/ready`.
+    Stream,
+    /// Each heartbeat is `POST`ed to `/v1/hive-heartbeat`.
+    Push,
 }
 
 /// Config files are small; anything larger is not one.

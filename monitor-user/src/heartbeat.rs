@@ -46,7 +46,7 @@ pub struct PrewarmSignal {
 }
 
 /// One GPU: the reference fields, then extensions.
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DeviceVitals {
     pub device_index: u32,
     pub vram_used_gb: Option<f64>,
@@ -57,6 +57,9 @@ pub struct DeviceVitals {
     pub uuid: Option<String>,
     pub gpu_utilization_percent: Option<f64>,
     pub temperature_c: Option<u32>,
+    /// Exact sizes, bytes (the `_gb` fields above are rounded).
+    pub vram_used_bytes: Option<u64>,
+    pub vram_total_bytes: Option<u64>,
 }
 
 impl From<&DeviceReading> for DeviceVitals {
@@ -74,6 +77,8 @@ impl From<&DeviceReading> for DeviceVitals {
             uuid: d.uuid.clone(),
             gpu_utilization_percent: d.utilization_pct.map(f64::from),
             temperature_c: d.temperature_c,
+            vram_used_bytes: d.memory_used,
+            vram_total_bytes: d.memory_total,
         }
     }
 }
@@ -232,6 +237,8 @@ pub struct Collector {
     /// Each eBPF program: `attached`, or `unavailable: <why>`. Empty without BPF.
     pub programs: BTreeMap<String, String>,
     pub probes: ProbeHealth,
+    /// Subscribers of `GET /v1/heartbeats/stream` when the heartbeat was made.
+    pub stream_subscribers: u32,
     /// What the monitor itself cost over the interval.
     #[serde(rename = "self")]
     pub self_cost: SelfCost,
@@ -308,7 +315,7 @@ impl Heartbeat {
                 io_read: s.io_read,
                 io_write: s.io_write,
                 io_syscall: s.io_syscall,
-                gpu: if sample.gpus.is_some() { Source::Nvml } else { Source::Unavailable },
+                gpu: sample.gpu,
                 model: Source::Procfs,
                 host: Source::Procfs,
                 processes: [s.processes_forked, s.execs, s.processes_exited]
@@ -327,6 +334,7 @@ impl Heartbeat {
                     kernel_s: round(sample.self_cost.kernel_s, 6),
                     rss_bytes: sample.self_cost.rss_bytes,
                 },
+                stream_subscribers: 0,
                 probes: ProbeHealth {
                     workers_map_full: sample.probe_stats.workers_full,
                     read_errors: sample.probe_stats.read_errors,

@@ -1,7 +1,10 @@
-//! `hive-monitor coordinator`: a reference coordinator ("queen"). It receives heartbeats from
-//! many hives, keeps the latest of each, marks a hive stale after two of its intervals
-//! without a heartbeat and drops it after ten, and answers the questions a scheduler asks:
-//! idle workers, workers serving a model, workers with enough free VRAM on their device.
+//! `hive-monitor coordinator`: a reference coordinator ("queen"). Hives reach it both ways
+//! rbee has used: they push heartbeats (`POST /v1/hive-heartbeat`), or they announce
+//! themselves (`POST /v1/hive/ready`) and it subscribes to their heartbeat stream. It keeps
+//! the latest of each hive, marks a hive stale after two of its intervals without news,
+//! drops a pushing hive after ten and a streaming one as soon as its stream closes, and
+//! answers the questions a scheduler asks: idle workers, workers serving a model, workers
+//! with enough free VRAM on their device.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -21,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    heartbeat::{Heartbeat, Worker, SCHEMA_VERSION},
+    heartbeat::{DeviceVitals, Heartbeat, Worker, SCHEMA_VERSION},
+    rbee::{HiveEvent, HiveInfo, ProcessStats, Ready},
     sinks::api::{limit_headers, require_token, RequiredToken},
 };
 
@@ -30,28 +34,45 @@ const MAX_BODY: usize = 4 << 20;
 const STALE_AFTER_INTERVALS: f64 = 2.0;
 const DROP_AFTER_INTERVALS: f64 = 10.0;
 
+/// What the coordinator last heard from a hive.
+enum Report {
+    /// Pushed to `/v1/hive-heartbeat`.
+    Heartbeat(Heartbeat),
+    /// An event of the hive's stream, which this coordinator subscribed to.
+    Telemetry { hive_info: HiveInfo, workers: Vec<ProcessStats> },
+}
+
 struct Hive {
-    heartbeat: Heartbeat,
+    report: Report,
     received: Instant,
+    /// Time between the hive's heartbeats: its own figure when pushed, the gap between the
+    /// last two events when streamed.
+    interval: Duration,
+    seq: u64,
 }
 
 impl Hive {
     fn interval(&self) -> Duration {
-        Duration::from_secs_f64((self.heartbeat.interval_ms / 1000.0).clamp(0.01, 3600.0))
+        self.interval.clamp(Duration::from_millis(10), Duration::from_secs(3600))
     }
 
     fn stale(&self, now: Instant) -> bool {
         now.duration_since(self.received) > self.interval().mul_f64(STALE_AFTER_INTERVALS)
     }
 
+    /// A pushed hive that stopped pushing. A streamed one is removed when its stream closes.
     fn dropped(&self, now: Instant) -> bool {
-        now.duration_since(self.received) > self.interval().mul_f64(DROP_AFTER_INTERVALS)
+        matches!(self.report, Report::Heartbeat(_))
+            && now.duration_since(self.received) > self.interval().mul_f64(DROP_AFTER_INTERVALS)
     }
 }
 
 #[derive(Clone)]
 struct Queen {
     hives: Arc<Mutex<HashMap<String, Hive>>>,
+    /// Stream subscriptions by hive id, with the URL each one follows.
+    subscriptions: Arc<Mutex<HashMap<String, (String, tokio::task::JoinHandle<()>)>>>,
+    client: reqwest::Client,
 }
 
 /// Serves until the process is stopped.
@@ -60,10 +81,16 @@ pub fn run(addr: SocketAddr, token: Option<String>) -> Result<()> {
     if !addr.ip().is_loopback() && token.is_none() {
         return Err(err("a coordinator off loopback needs a token (--token-file)".into()));
     }
-    let queen = Queen { hives: Arc::new(Mutex::new(HashMap::new())) };
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("hive-monitor-coordinator/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let queen = Queen { hives: Arc::default(), subscriptions: Arc::default(), client };
     let token = RequiredToken(token.map(Into::into));
     let app = Router::new()
         .route("/v1/hive-heartbeat", post(receive))
+        .route("/v1/hive/ready", post(ready))
         .route("/v1/hives", get(hives))
         .route("/v1/workers", get(workers))
         .layer(middleware::from_fn_with_state(token, require_token))
@@ -110,8 +137,94 @@ async fn receive(State(queen): State<Queen>, body: axum::body::Bytes) -> Respons
     let now = Instant::now();
     let mut hives = queen.hives.lock().unwrap_or_else(|e| e.into_inner());
     hives.retain(|_, h| !h.dropped(now));
-    hives.insert(heartbeat.hive.id.clone(), Hive { heartbeat, received: now });
+    let interval = Duration::from_secs_f64((heartbeat.interval_ms / 1000.0).clamp(0.01, 3600.0));
+    let seq = heartbeat.seq;
+    hives.insert(
+        heartbeat.hive.id.clone(),
+        Hive { report: Report::Heartbeat(heartbeat), received: now, interval, seq },
+    );
     Json(Ack { server_status: "ok" }).into_response()
+}
+
+/// `POST /v1/hive/ready`: subscribes to the hive's stream. Unlike rbee's queen, a hive that
+/// announces itself again while its subscription runs gets no second one.
+async fn ready(State(queen): State<Queen>, Json(ready): Json<Ready>) -> Response {
+    let url = match stream_url(&ready.hive_url) {
+        Ok(u) => u,
+        Err(why) => return (StatusCode::UNPROCESSABLE_ENTITY, format!("hive_url: {why}\n")).into_response(),
+    };
+    let mut subscriptions = queen.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((old, task)) = subscriptions.get(&ready.hive_id) {
+        if *old == url && !task.is_finished() {
+            return Json(Ack { server_status: "ok" }).into_response();
+        }
+        task.abort();
+    }
+    log::info!("hive {} ready at {}; subscribing", ready.hive_id, ready.hive_url);
+    let task = tokio::spawn(subscribe(queen.clone(), ready.hive_id.clone(), url.clone()));
+    subscriptions.insert(ready.hive_id, (url, task));
+    Json(Ack { server_status: "ok" }).into_response()
+}
+
+fn stream_url(hive_url: &str) -> std::result::Result<String, String> {
+    let url = format!("{hive_url}/v1/heartbeats/stream");
+    match reqwest::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(url),
+        Ok(_) => Err("only http:// and https:// are supported".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// How long after a stream closes it is opened again (as rbee's queen does).
+const RECONNECT: Duration = Duration::from_secs(5);
+
+/// Follows a hive's stream: each event replaces what is known of the hive; when the stream
+/// closes the hive is removed at once and the stream opened again after `RECONNECT`.
+async fn subscribe(queen: Queen, hive_id: String, url: String) {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    loop {
+        match queen.client.get(&url).send().await.and_then(|r| r.error_for_status()) {
+            Ok(response) => {
+                log::info!("subscribed to {url}");
+                let mut events = response.bytes_stream().eventsource();
+                while let Some(event) = events.next().await {
+                    let event = match event {
+                        Ok(e) => e,
+                        Err(e) => {
+                            log::warn!("stream of hive {hive_id}: {e}");
+                            break;
+                        }
+                    };
+                    match serde_json::from_str::<HiveEvent>(&event.data) {
+                        Ok(e) => queen.telemetry(&hive_id, e, event.id.parse().unwrap_or(0)),
+                        Err(e) => log::warn!("hive {hive_id}: an event that is no telemetry dropped: {e}"),
+                    }
+                }
+                log::info!("stream of hive {hive_id} closed; removed, reconnecting in {RECONNECT:?}");
+            }
+            Err(e) => log::warn!("subscribing to {url}: {e}; again in {RECONNECT:?}"),
+        }
+        queen.hives.lock().unwrap_or_else(|e| e.into_inner()).remove(&hive_id);
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+impl Queen {
+    fn telemetry(&self, subscribed_as: &str, event: HiveEvent, seq: u64) {
+        let HiveEvent::Telemetry { hive_id, hive_info, workers, .. } = event;
+        if hive_id != subscribed_as {
+            log::warn!(
+                "the stream of hive {subscribed_as} sends telemetry of {hive_id}; kept as {subscribed_as}"
+            );
+        }
+        let now = Instant::now();
+        let mut hives = self.hives.lock().unwrap_or_else(|e| e.into_inner());
+        let interval =
+            hives.get(subscribed_as).map_or(Duration::from_secs(1), |h| now.duration_since(h.received));
+        let report = Report::Telemetry { hive_info, workers };
+        hives.insert(subscribed_as.to_string(), Hive { report, received: now, interval, seq });
+    }
 }
 
 #[derive(Serialize)]
@@ -121,6 +234,8 @@ struct HiveStatus {
     seconds_since_heartbeat: f64,
     seq: u64,
     workers: usize,
+    /// `push` or `stream`.
+    protocol: &'static str,
 }
 
 async fn hives(State(queen): State<Queen>) -> Json<Vec<HiveStatus>> {
@@ -128,13 +243,20 @@ async fn hives(State(queen): State<Queen>) -> Json<Vec<HiveStatus>> {
     let mut hives = queen.hives.lock().unwrap_or_else(|e| e.into_inner());
     hives.retain(|_, h| !h.dropped(now));
     let mut out: Vec<HiveStatus> = hives
-        .values()
-        .map(|h| HiveStatus {
-            id: h.heartbeat.hive.id.clone(),
+        .iter()
+        .map(|(id, h)| HiveStatus {
+            id: id.clone(),
             stale: h.stale(now),
             seconds_since_heartbeat: now.duration_since(h.received).as_secs_f64(),
-            seq: h.heartbeat.seq,
-            workers: h.heartbeat.workers.len(),
+            seq: h.seq,
+            workers: match &h.report {
+                Report::Heartbeat(hb) => hb.workers.len(),
+                Report::Telemetry { workers, .. } => workers.len(),
+            },
+            protocol: match h.report {
+                Report::Heartbeat(_) => "push",
+                Report::Telemetry { .. } => "stream",
+            },
         })
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -153,6 +275,14 @@ pub struct WorkerFilter {
     pub min_free_vram_mb: Option<u64>,
 }
 
+/// A worker as a hive reported it: the full heartbeat's record, or the stream's.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Record<'a> {
+    Full(&'a Worker),
+    Strict(&'a ProcessStats),
+}
+
 #[derive(Serialize)]
 struct WorkerEntry<'a> {
     hive_id: &'a str,
@@ -160,58 +290,95 @@ struct WorkerEntry<'a> {
     /// Free VRAM (MiB) on the worker's devices, the least of them; `null` on no GPU.
     free_vram_mb: Option<u64>,
     #[serde(flatten)]
-    worker: &'a Worker,
+    worker: Record<'a>,
+}
+
+/// What the filters look at, from either record.
+pub struct Facts<'a> {
+    pub group: &'a str,
+    pub instance: &'a str,
+    pub cpu_pct: Option<f64>,
+    /// `None` when GPU figures are unavailable, or the host has no GPU.
+    pub gpu_util_pct: Option<f64>,
+    pub model: Option<&'a str>,
+}
+
+impl<'a> Facts<'a> {
+    pub fn of_worker(w: &'a Worker) -> Self {
+        Facts {
+            group: &w.group,
+            instance: &w.instance,
+            cpu_pct: w.cpu_pct,
+            gpu_util_pct: w.gpu_util_pct,
+            model: w.model.as_deref(),
+        }
+    }
+
+    /// A figure the record lists as unknown is `None`, as is GPU use on a host without any.
+    pub fn of_stats(w: &'a ProcessStats) -> Self {
+        let known = |name: &str, v: f64| (!w.unknown.iter().any(|u| u == name)).then_some(v);
+        let no_gpu = w.total_vram_mb == 0 && w.gpu_devices.is_empty();
+        Facts {
+            group: &w.group,
+            instance: &w.instance,
+            cpu_pct: known("cpu_pct", w.cpu_pct),
+            gpu_util_pct: known("gpu_util_pct", w.gpu_util_pct).filter(|_| !no_gpu),
+            model: w.model.as_deref(),
+        }
+    }
 }
 
 async fn workers(State(queen): State<Queen>, Query(filter): Query<WorkerFilter>) -> Response {
     let now = Instant::now();
     let mut hives = queen.hives.lock().unwrap_or_else(|e| e.into_inner());
     hives.retain(|_, h| !h.dropped(now));
-    let mut out = Vec::new();
-    for h in hives.values() {
-        for w in &h.heartbeat.workers {
-            let free = free_vram_mb(&h.heartbeat, w);
-            if matches(&filter, w, free) {
-                out.push(WorkerEntry {
-                    hive_id: &h.heartbeat.hive.id,
-                    hive_stale: h.stale(now),
-                    free_vram_mb: free,
-                    worker: w,
-                });
-            }
+    let mut candidates: Vec<(&str, &Hive, Facts, Option<u64>, Record)> = Vec::new();
+    for (id, h) in hives.iter() {
+        match &h.report {
+            Report::Heartbeat(hb) => candidates.extend(hb.workers.iter().map(|w| {
+                let on: Vec<u32> = w.gpus.iter().flatten().map(|g| g.device_index).collect();
+                let free = free_vram_mb(hb.hive.vram_per_device.as_deref(), &on);
+                (id.as_str(), h, Facts::of_worker(w), free, Record::Full(w))
+            })),
+            Report::Telemetry { hive_info, workers } => candidates.extend(workers.iter().map(|w| {
+                let free = free_vram_mb(hive_info.vram_per_device.as_deref(), &w.gpu_devices);
+                (id.as_str(), h, Facts::of_stats(w), free, Record::Strict(w))
+            })),
         }
     }
-    out.sort_by(|a, b| {
-        (a.hive_id, &a.worker.group, &a.worker.instance).cmp(&(
-            b.hive_id,
-            &b.worker.group,
-            &b.worker.instance,
-        ))
-    });
+    candidates.retain(|(_, _, facts, free, _)| matches(&filter, facts, *free));
+    candidates.sort_by(|a, b| (a.0, a.2.group, a.2.instance).cmp(&(b.0, b.2.group, b.2.instance)));
+    let out: Vec<WorkerEntry> = candidates
+        .into_iter()
+        .map(|(hive_id, h, _, free_vram_mb, worker)| WorkerEntry {
+            hive_id,
+            hive_stale: h.stale(now),
+            free_vram_mb,
+            worker,
+        })
+        .collect();
     Json(out).into_response()
 }
 
-/// The least free VRAM among the devices `w` is on.
-fn free_vram_mb(hb: &Heartbeat, w: &Worker) -> Option<u64> {
-    let devices = hb.hive.vram_per_device.as_ref()?;
-    w.gpus
-        .as_ref()?
-        .iter()
-        .filter_map(|g| {
-            let d = devices.iter().find(|d| d.device_index == g.device_index)?;
-            let free_gb = d.vram_total_gb? - d.vram_used_gb?;
-            Some((free_gb.max(0.0) * 1024.0) as u64)
+/// The least free VRAM among the devices `on`.
+fn free_vram_mb(devices: Option<&[DeviceVitals]>, on: &[u32]) -> Option<u64> {
+    let devices = devices?;
+    on.iter()
+        .filter_map(|i| {
+            let d = devices.iter().find(|d| d.device_index == *i)?;
+            let free = d.vram_total_bytes?.saturating_sub(d.vram_used_bytes?);
+            Some(free >> 20)
         })
         .min()
 }
 
-pub fn matches(filter: &WorkerFilter, w: &Worker, free_vram_mb: Option<u64>) -> bool {
+pub fn matches(filter: &WorkerFilter, w: &Facts, free_vram_mb: Option<u64>) -> bool {
     let idle = match w.gpu_util_pct {
         Some(gpu) => gpu == 0.0,
         None => w.cpu_pct.is_some_and(|c| c < 1.0),
     };
     filter.idle.is_none_or(|want| want == idle)
-        && filter.model.as_ref().is_none_or(|m| w.model.as_ref() == Some(m))
+        && filter.model.as_ref().is_none_or(|m| w.model == Some(m.as_str()))
         && filter.min_free_vram_mb.is_none_or(|n| free_vram_mb.is_some_and(|f| f >= n))
 }
 
@@ -237,9 +404,13 @@ mod tests {
             model: model.map(Into::into),
             min_free_vram_mb: vram,
         };
-        let busy_gpu = worker(Some(50.0), Some(85.0), Some("llama"));
-        let idle_gpu = worker(Some(30.0), Some(0.0), Some("llama"));
-        let idle_cpu = worker(Some(0.2), None, None);
+        let (busy_gpu, idle_gpu, idle_cpu) = (
+            worker(Some(50.0), Some(85.0), Some("llama")),
+            worker(Some(30.0), Some(0.0), Some("llama")),
+            worker(Some(0.2), None, None),
+        );
+        let (busy_gpu, idle_gpu, idle_cpu) =
+            (Facts::of_worker(&busy_gpu), Facts::of_worker(&idle_gpu), Facts::of_worker(&idle_cpu));
         assert!(matches(&f(None, None, None), &busy_gpu, None));
         assert!(!matches(&f(Some(true), None, None), &busy_gpu, None));
         assert!(matches(&f(Some(true), None, None), &idle_gpu, None), "GPU idle though the CPU works");

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::Result,
     probes::{
-        Availability, Figure, KernelReading, MapSizes, ProbeOptions, ProgramStatus, Probes, WorkerCounters,
+        Availability, Figure, KernelReading, MapSizes, ProbeOptions, Probes, ProgramStatus, WorkerCounters,
         WorkerReading,
     },
     sources::{
@@ -93,6 +93,9 @@ pub enum Source {
     Cgroup,
     Nvml,
     Unavailable,
+    /// Nothing to measure: the host has no GPU (NVML is unavailable and no NVIDIA driver
+    /// is loaded).
+    None,
 }
 
 /// Where each per-worker figure the probes measure came from in a sample: the probes, a
@@ -112,7 +115,8 @@ pub struct FigureSources {
 
 impl FigureSources {
     fn new(availability: &Availability) -> Self {
-        let probed_or = |f: Figure, fallback: Source| if availability.has(f) { Source::Ebpf } else { fallback };
+        let probed_or =
+            |f: Figure, fallback: Source| if availability.has(f) { Source::Ebpf } else { fallback };
         FigureSources {
             cpu: probed_or(Figure::Cpu, Source::Cgroup),
             runq: probed_or(Figure::Runq, Source::Unavailable),
@@ -220,6 +224,8 @@ pub struct Sample {
     pub host: HostSample,
     /// `None` when GPU figures are unavailable (no NVML).
     pub gpus: Option<Vec<DeviceReading>>,
+    /// Where the GPU figures come from: NVML, nowhere, or nowhere because there is no GPU.
+    pub gpu: Source,
     pub prewarm: Vec<Prewarm>,
     pub probe_stats: ProbeStats,
     /// Fork, exec and exit events of the workers' tasks since the previous sample, oldest first
@@ -253,6 +259,7 @@ pub struct Sampler {
     fallback_io: FallbackIo,
     host_cpu: Option<HostCpu>,
     gpus: Option<Gpus>,
+    gpu_source: Source,
     prewarm_threshold_pct: f64,
     model_dir: Option<std::path::PathBuf>,
     /// Device index → when its last pre-warm signal went out.
@@ -315,6 +322,12 @@ impl Sampler {
         if sources.cpu == Source::Cgroup {
             cpu_from_cgroup(&mut prev, &slice.workers()?);
         }
+        let gpus = Gpus::open(options.nvml_lib.as_deref());
+        let gpu_source = match (&gpus, crate::sources::nvml::driver_loaded()) {
+            (Some(_), _) => Source::Nvml,
+            (None, true) => Source::Unavailable,
+            (None, false) => Source::None,
+        };
         Ok(Self {
             probes,
             sources,
@@ -330,7 +343,8 @@ impl Sampler {
             procs_files: KeptFiles::default(),
             fallback_io: FallbackIo::default(),
             host_cpu: procfs::host_cpu().ok(),
-            gpus: Gpus::open(options.nvml_lib.as_deref()),
+            gpus,
+            gpu_source,
             prewarm_threshold_pct: options.prewarm_threshold_pct,
             model_dir: options.model_dir,
             prewarmed: HashMap::new(),
@@ -509,6 +523,7 @@ impl Sampler {
             self_cost,
             host,
             gpus: gpu.map(|g| g.devices),
+            gpu: self.gpu_source,
             prewarm,
             probe_stats: reading.stats,
             events: reading.events,
@@ -517,9 +532,11 @@ impl Sampler {
 
     /// The daemon's CPU time since the last sample, and its memory now.
     fn self_cost(&mut self, kernel_ns: u64) -> SelfCost {
-        let cpu_ns = procfs::self_cpu_ns().map_err(|e| log::debug!("own CPU time left out: {e}")).unwrap_or(0);
+        let cpu_ns =
+            procfs::self_cpu_ns().map_err(|e| log::debug!("own CPU time left out: {e}")).unwrap_or(0);
         let cpu_s = cpu_ns.saturating_sub(std::mem::replace(&mut self.last_cpu_ns, cpu_ns)) as f64 / 1e9;
-        let rss_bytes = procfs::self_rss_bytes().map_err(|e| log::debug!("own RSS left out: {e}")).unwrap_or(0);
+        let rss_bytes =
+            procfs::self_rss_bytes().map_err(|e| log::debug!("own RSS left out: {e}")).unwrap_or(0);
         SelfCost { cpu_s, kernel_s: kernel_ns as f64 / 1e9, rss_bytes }
     }
 
@@ -603,7 +620,8 @@ fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[WorkerCgroup]) {
         match cgroup::cpu_usage_ns(&w.dir) {
             Ok(cpu_ns) => {
                 let at_ns = crate::probes::monotonic_ns();
-                let entry = reading.workers.entry(w.id).or_insert(WorkerReading { at_ns, ..Default::default() });
+                let entry =
+                    reading.workers.entry(w.id).or_insert(WorkerReading { at_ns, ..Default::default() });
                 (entry.at_ns, entry.counters.cpu_ns) = (at_ns, cpu_ns);
             }
             Err(e) => log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance),

@@ -353,6 +353,7 @@ mod tests {
                 processes: s,
                 missing: Default::default(),
                 programs: Default::default(),
+                stream_subscribers: 0,
                 probes: ProbeHealth {
                     workers_map_full: 0,
                     read_errors: 0,

@@ -89,7 +89,10 @@ fn run_prints_one_heartbeat_per_interval() {
         assert!(programs.values().all(|s| s == "attached"), "every program attached: {programs:?}");
         assert_eq!(hb["collector"]["missing"], serde_json::json!({}), "no figure left out");
         let own = &hb["collector"]["self"];
-        assert!(own["rss_bytes"].as_u64().unwrap() > 1 << 20 && own["cpu_s"].as_f64().unwrap() >= 0.0, "{own}");
+        assert!(
+            own["rss_bytes"].as_u64().unwrap() > 1 << 20 && own["cpu_s"].as_f64().unwrap() >= 0.0,
+            "{own}"
+        );
         assert!(own["kernel_s"].as_f64().unwrap() > 0.0, "the iterator's cost is measured: {own}");
         let workers = hb["workers"].as_array().expect("workers");
         assert_eq!(workers.len(), 2, "{hb}");

@@ -33,8 +33,11 @@ fn check(case: &Case) {
         SamplerOptions { withhold: BTreeSet::from([case.withhold.to_string()]), ..Default::default() };
     let mut sampler = Sampler::with_options(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap(), options)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let done = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("hm-degrade-{}-{}", std::process::id(), case.withhold.replace(':', "-")));
+    let done = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "hm-degrade-{}-{}",
+        std::process::id(),
+        case.withhold.replace(':', "-")
+    ));
     let _ = std::fs::remove_file(&done);
     let busy = Workload::start(HM_LOAD, &dir, &["duty", "50", "20", "60"]);
     std::thread::sleep(Duration::from_millis(200));
@@ -90,11 +93,7 @@ fn check(case: &Case) {
 
 #[test]
 fn a_missing_exit_program_costs_task_figures_only() {
-    check(&Case {
-        withhold: "sched_process_free",
-        missing: &["ctx_switches", "runq"],
-        cpu: Source::Cgroup,
-    });
+    check(&Case { withhold: "sched_process_free", missing: &["ctx_switches", "runq"], cpu: Source::Cgroup });
 }
 
 #[test]
@@ -109,5 +108,9 @@ fn a_missing_tracepoint_costs_its_count_only() {
 
 #[test]
 fn a_missing_helper_costs_the_iterator_figures() {
-    check(&Case { withhold: "helper:bpf_seq_write", missing: &["ctx_switches", "runq"], cpu: Source::Cgroup });
+    check(&Case {
+        withhold: "helper:bpf_seq_write",
+        missing: &["ctx_switches", "runq"],
+        cpu: Source::Cgroup,
+    });
 }

@@ -1,4 +1,6 @@
 //! Where heartbeats go.
+pub mod announce;
 pub mod api;
 pub mod coordinator;
+pub mod stall;
 pub mod stdout;

@@ -55,6 +55,12 @@ pub struct Gpus {
     lost: HashMap<u32, Instant>,
 }
 
+/// Whether an NVIDIA kernel driver is loaded. Without NVML and without it, the host has no
+/// GPU the figures could come from: a worker's GPU use is then known to be nothing.
+pub fn driver_loaded() -> bool {
+    std::path::Path::new("/proc/driver/nvidia").exists()
+}
+
 impl Gpus {
     /// Opens NVML (`lib`: a library path instead of the system's `libnvidia-ml.so`).
     /// `None` when there is no usable library: GPU figures are then unavailable.
