@@ -83,7 +83,7 @@ fn run_daemon(cg: &TestCgroup, url: &str, extra: &[&str]) -> (std::process::Outp
     let started = Instant::now();
     let out = Command::new(DAEMON)
         .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--coordinator", url])
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--coordinator-protocol", "push", "--listen", "127.0.0.1:0"])
         .args(extra)
         .stdin(Stdio::null())
         .output()
@@ -221,6 +221,8 @@ fn a_coordinator_that_goes_away_costs_no_memory_and_no_samples() {
             &cg.rel("rbee.slice"),
             "--coordinator",
             &format!("http://{addr}"),
+            "--coordinator-protocol",
+            "push",
         ])
         .args(["--interval", "100ms", "--timeout", "200ms", "--listen", "127.0.0.1:0", "--count", "60"])
         .stdin(Stdio::null())

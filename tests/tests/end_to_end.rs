@@ -55,6 +55,7 @@ fn coordinator_sees_workers_come_and_go() {
     let daemon = Killed(
         Command::new(DAEMON)
             .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--coordinator", &base])
+            .args(["--coordinator-protocol", "push"])
             .args(["--interval", "300ms", "--listen", "127.0.0.1:0", "--hive-id", "hive-e2e"])
             .stdout(Stdio::null())
             .spawn()
