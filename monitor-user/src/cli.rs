@@ -52,7 +52,8 @@ enum Command {
     Top(TopArgs),
     /// Print the heartbeat's JSON Schema.
     Schema,
-    /// A reference coordinator: receives heartbeats from hives and answers
+    /// A reference coordinator: receives heartbeats pushed by hives or subscribes to the
+    /// streams of hives that announce themselves, and answers
     /// `GET /v1/workers?idle=true&model=M&min_free_vram_mb=N` and `GET /v1/hives`.
     Coordinator(CoordinatorArgs),
 }
@@ -161,13 +162,14 @@ struct RunArgs {
     /// [default: http://<the --listen address>, the host name for 0.0.0.0].
     #[arg(long, value_name = "URL")]
     advertise_url: Option<String>,
-    /// File holding the bearer token for the coordinator.
+    /// File holding the bearer token for the coordinator (push mode).
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Timeout of each request to the coordinator [default: 5s].
     #[arg(long, value_parser = parse_interval)]
     timeout: Option<Duration>,
-    /// Where the pull API (/v1/heartbeat, /v1/capabilities, /metrics, /healthz) listens;
+    /// Where the pull API (/v1/heartbeat, /v1/heartbeats/stream, /v1/capabilities, /metrics,
+    /// /healthz) listens;
     /// port 0 picks a free one [default: 127.0.0.1:7835].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,

@@ -146,7 +146,7 @@ fn xtask(cli: Cli) -> Result<()> {
 /// Seconds per fuzz target when the bench runs them.
 const BENCH_FUZZ_SECONDS: u64 = 20;
 /// Every parser the daemon exposes to the network or to files (`fuzz/fuzz_targets`).
-const FUZZ_TARGETS: [&str; 4] = ["config", "heartbeat", "ack", "workers_query"];
+const FUZZ_TARGETS: [&str; 5] = ["config", "heartbeat", "ack", "workers_query", "telemetry"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Builds the fuzz targets (without a sanitizer: the code under test is safe Rust, and the
