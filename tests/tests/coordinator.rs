@@ -177,17 +177,30 @@ fn a_coordinator_that_comes_up_late_gets_the_newest_heartbeats() {
     let cg = TestCgroup::new("coord_late");
     cg.mkdir("rbee.slice/llm/8080");
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("http://127.0.0.1:{port}");
-    let late = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
-        coordinator(TcpListener::bind(("127.0.0.1", port)).unwrap(), |_| (200, "", Duration::ZERO))
-    });
-    let (out, took) = run_daemon(&cg, &url, &["--interval", "200ms", "--count", "20"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(took < Duration::from_millis(5500), "sampling was held up: {took:?}");
-    let seqs = seqs(&late.join().unwrap());
+    let api = free_port();
+    let root = cg.root.to_string_lossy().into_owned();
+    let mut child = Command::new(DAEMON)
+        .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice")])
+        .args(["--coordinator", &format!("http://127.0.0.1:{port}"), "--coordinator-protocol", "push"])
+        .args(["--interval", "200ms", "--count", "20", "--listen", &format!("127.0.0.1:{api}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Sampling goes on while the coordinator is down.
+    let seq = || {
+        reqwest::blocking::get(format!("http://127.0.0.1:{api}/v1/heartbeat"))
+            .and_then(|r| r.json::<serde_json::Value>())
+            .map_or(0, |hb| hb["seq"].as_u64().unwrap_or(0))
+    };
+    wait_for(|| seq() >= 5, Duration::from_secs(20), "five heartbeats with the coordinator down");
+    let up_at = seq();
+    let received =
+        coordinator(TcpListener::bind(("127.0.0.1", port)).unwrap(), |_| (200, "", Duration::ZERO));
+    assert!(child.wait().unwrap().success());
+    let seqs = seqs(&received);
     assert!(!seqs.is_empty(), "nothing delivered once the coordinator came up");
-    assert!(seqs[0] > 3, "heartbeats from while it was down were superseded, not queued: {seqs:?}");
+    assert!(seqs[0] >= up_at, "heartbeats from while it was down were superseded, not queued: {seqs:?}");
     assert!(*seqs.last().unwrap() >= 15, "{seqs:?}");
 }
 
@@ -205,6 +218,7 @@ fn a_coordinator_that_goes_away_costs_no_memory_and_no_samples() {
     cg.mkdir("rbee.slice/llm/8080");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let api = free_port();
     let received = coordinator(listener, |n| match n {
         // It answers a few heartbeats, then hangs on every request: gone, as far as the
         // daemon can tell, with connections that never complete.
@@ -224,12 +238,30 @@ fn a_coordinator_that_goes_away_costs_no_memory_and_no_samples() {
             "--coordinator-protocol",
             "push",
         ])
-        .args(["--interval", "100ms", "--timeout", "200ms", "--listen", "127.0.0.1:0", "--count", "60"])
+        .args([
+            "--interval",
+            "100ms",
+            "--timeout",
+            "200ms",
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--count",
+            "60",
+        ])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Measured from once the daemon is up and the coordinator hangs, not during start-up.
+    wait_for(
+        || {
+            reqwest::blocking::get(format!("http://127.0.0.1:{api}/v1/heartbeat"))
+                .and_then(|r| r.json::<serde_json::Value>())
+                .is_ok_and(|hb| hb["seq"].as_u64() >= Some(10))
+        },
+        Duration::from_secs(20),
+        "ten heartbeats",
+    );
     let early = rss(child.id());
     std::thread::sleep(Duration::from_millis(3000));
     let late = rss(child.id());

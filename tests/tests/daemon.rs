@@ -111,7 +111,11 @@ fn run_prints_one_heartbeat_per_interval() {
     let (b, i) = (find("8080"), find("9090"));
     assert_eq!((b["group"].as_str(), b["pid"].as_u64()), (Some("llm"), Some(busy.pid() as u64)));
     assert_eq!((i["group"].as_str(), i["pid"].as_u64()), (Some("embed"), Some(idle.pid() as u64)));
-    assert!(b["cpu_pct"].as_f64().unwrap() > 50.0, "busy worker: {b}");
+    // A thread that never sleeps is, all the time, running or waiting to run: how much of
+    // each depends on what else the machine runs, their sum does not (a hypervisor's steal
+    // aside).
+    let (cpu, runq) = (b["cpu_pct"].as_f64().unwrap(), b["runq_wait_pct"].as_f64().unwrap());
+    assert!(cpu > 5.0 && cpu + runq > 70.0, "busy worker: {b}");
     assert_eq!(i["model"], "tiny-embed", "read from the command line: {i}");
     assert!(b["model"].is_null(), "a command line without a model names none: {b}");
     assert!(b["rss_mb"].as_u64().is_some() && b["memory"]["current_bytes"].as_u64().unwrap() > 0, "{b}");
