@@ -2,6 +2,31 @@
 //! old data, and laid out without implicit padding, so both sides agree byte for byte.
 #![no_std]
 
+/// The names the loader finds the object's parts by. The eBPF side declares each as a Rust
+/// item of that name (a map `static`, a program `fn`, the `LAYOUT` global); a test in the
+/// loader parses the embedded object and finds every one, so a rename fails the tests, not
+/// a load on a user's host.
+pub mod names {
+    pub const MAP_WORKERS: &str = "WORKERS";
+    pub const MAP_SLICE: &str = "SLICE";
+    pub const MAP_CLOCK: &str = "CLOCK";
+    pub const MAP_EVENTS: &str = "EVENTS";
+    pub const MAP_STATS: &str = "STATS";
+    pub const MAPS: [&str; 5] = [MAP_WORKERS, MAP_SLICE, MAP_CLOCK, MAP_EVENTS, MAP_STATS];
+
+    /// The task iterator and the lifecycle tracepoints.
+    pub const TASK_COUNTERS: &str = "task_counters";
+    pub const FORK: &str = "sched_process_fork";
+    pub const EXEC: &str = "sched_process_exec";
+    pub const EXIT: &str = "sched_process_exit";
+    pub const FREE: &str = "sched_process_free";
+    pub const ATTACH: &str = "cgroup_attach_task";
+    pub const PROGRAMS: [&str; 6] = [TASK_COUNTERS, FORK, EXEC, EXIT, FREE, ATTACH];
+
+    /// The read-only global holding the `KernelLayout`.
+    pub const GLOBAL_LAYOUT: &str = "LAYOUT";
+}
+
 /// Workers (cgroups `<slice>/<group>/<instance>`) the kernel keeps counters for at once.
 /// A worker beyond this is not counted and `ProbeStats::workers_full` says so.
 pub const MAX_WORKERS: u32 = 4096;
@@ -215,15 +240,29 @@ pub struct KernelLayout {
     pub slice_level: u32,
 }
 
+const _: () = assert!(core::mem::size_of::<ProcessCounts>() == 24);
+const _: () = assert!(core::mem::size_of::<ClockOffset>() == 8);
+const _: () = assert!(core::mem::size_of::<SliceFilter>() == 8);
+const _: () = assert!(core::mem::size_of::<ProbeStats>() == 32);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 35 * 4);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: every type is repr(C), Copy, has no padding and is valid for any bit pattern.
+    // SAFETY (each): repr(C), Copy, no padding (the size assertions above), and valid for
+    // any bit pattern (integers only).
     unsafe impl aya::Pod for super::TaskCounters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TaskRecord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ProcessCounts {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ClockOffset {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SliceFilter {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ProbeStats {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TaskEvent {}
 }

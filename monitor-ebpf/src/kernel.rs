@@ -14,6 +14,7 @@ use crate::maps::stats;
 
 /// Filled in by the loader before the program is loaded (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
+// SAFETY: KernelLayout is plain u32s, valid as all zeroes.
 pub(crate) static LAYOUT: KernelLayout = unsafe { core::mem::zeroed() };
 
 /// One field of `LAYOUT`; volatile so the compiler cannot fold the zero it was compiled with.

@@ -67,6 +67,7 @@ pub fn process_counts<C: EbpfContext>(ctx: &C, worker: u64) -> Option<&'static m
     }
     let _ = WORKERS.insert(&worker, &ProcessCounts::default(), BPF_NOEXIST as u64);
     match WORKERS.get_ptr_mut(&worker) {
+        // SAFETY: as above.
         Some(p) => Some(unsafe { &mut *p }),
         None => {
             if let Some(s) = stats() {

@@ -355,6 +355,7 @@ impl User {
     fn lookup(name: &str) -> Result<Self> {
         let unknown = || Error::UnknownUser(name.to_string());
         let cname = CString::new(name).map_err(|_| unknown())?;
+        // SAFETY: passwd is plain C data (integers and pointers), valid as all zeroes.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut buf = vec![0u8; 16 * 1024];
         let mut found = std::ptr::null_mut();

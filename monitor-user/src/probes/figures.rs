@@ -5,14 +5,7 @@ use std::collections::BTreeMap;
 
 use super::layout::{self, Member, Missing};
 
-/// The task iterator and the lifecycle tracepoints (see `monitor-ebpf`).
-pub const TASK_COUNTERS: &str = "task_counters";
-pub const FORK: &str = "sched_process_fork";
-pub const EXEC: &str = "sched_process_exec";
-pub const EXIT: &str = "sched_process_exit";
-pub const FREE: &str = "sched_process_free";
-pub const ATTACH: &str = "cgroup_attach_task";
-pub const PROGRAMS: [&str; 6] = [TASK_COUNTERS, FORK, EXEC, EXIT, FREE, ATTACH];
+pub use monitor_common::names::{ATTACH, EXEC, EXIT, FORK, FREE, PROGRAMS, TASK_COUNTERS};
 
 /// Members every program reads to find a task's worker.
 const CORE: [&str; 10] = [

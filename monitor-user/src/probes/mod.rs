@@ -15,8 +15,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS, MAX_WORKERS,
-    TASK_EXITING,
+    names, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS,
+    MAX_WORKERS, TASK_EXITING,
 };
 
 use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
@@ -139,8 +139,8 @@ impl Probes {
         // no kernel BTF: dropping the copy `EbpfLoader::new` parsed keeps one parse at a time.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
-            .override_global("LAYOUT", &resolved.layout, true)
-            .map_max_entries("WORKERS", sizes.workers)
+            .override_global(names::GLOBAL_LAYOUT, &resolved.layout, true)
+            .map_max_entries(names::MAP_WORKERS, sizes.workers)
             .load(OBJECT)?;
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
@@ -180,10 +180,10 @@ impl Probes {
         let availability = Availability::new(&programs, &resolved.missing);
         Ok(Self {
             sizes,
-            workers: take_map(&mut ebpf, "WORKERS")?,
-            slice: take_map(&mut ebpf, "SLICE")?,
-            stats: take_map(&mut ebpf, "STATS")?,
-            events: take_map(&mut ebpf, "EVENTS")?,
+            workers: take_map(&mut ebpf, names::MAP_WORKERS)?,
+            slice: take_map(&mut ebpf, names::MAP_SLICE)?,
+            stats: take_map(&mut ebpf, names::MAP_STATS)?,
+            events: take_map(&mut ebpf, names::MAP_EVENTS)?,
             logger,
             programs,
             availability,
@@ -210,7 +210,7 @@ impl Probes {
 
     /// Points the probes at a slice (`id` 0: none, count nothing).
     pub fn set_slice(&mut self, filter: SliceFilter) -> Result<()> {
-        self.slice.set(0, filter, 0).map_err(|source| Error::Map { map: "SLICE", source })
+        self.slice.set(0, filter, 0).map_err(|source| Error::Map { map: names::MAP_SLICE, source })
     }
 
     /// Forgets the counters of a worker whose cgroup is gone.
@@ -219,7 +219,7 @@ impl Probes {
         self.process_counts.remove(&worker);
         match self.workers.remove(&worker) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(Error::Map { map: "WORKERS", source }),
+            Err(source) => Err(Error::Map { map: names::MAP_WORKERS, source }),
         }
     }
 
@@ -247,7 +247,10 @@ impl Probes {
 
     /// The workers with process counts in the kernel (`WORKERS`'s keys).
     pub fn worker_ids(&self) -> Result<Vec<u64>> {
-        self.workers.keys().collect::<Result<_, _>>().map_err(|source| Error::Map { map: "WORKERS", source })
+        self.workers
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Map { map: names::MAP_WORKERS, source })
     }
 
     /// Tasks reaped whose final counters have not come yet (see `finals_of_the_unseen`).
@@ -275,7 +278,7 @@ impl Probes {
         events.extend(self.finals_of_the_unseen());
         self.ledger.end_pass(at_ns);
 
-        let stats = self.stats.get(&0, 0).map_err(|source| Error::Map { map: "STATS", source })?;
+        let stats = self.stats.get(&0, 0).map_err(|source| Error::Map { map: names::MAP_STATS, source })?;
         let stats = stats.iter().fold(ProbeStats::default(), |a, s| ProbeStats {
             workers_full: a.workers_full + s.workers_full,
             read_errors: a.read_errors + s.read_errors,
@@ -299,7 +302,7 @@ impl Probes {
                     self.process_counts.insert(worker, sum);
                 }
                 Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(Error::Map { map: "WORKERS", source }),
+                Err(source) => return Err(Error::Map { map: names::MAP_WORKERS, source }),
             }
         }
         for (&worker, counts) in &self.process_counts {
@@ -509,4 +512,33 @@ fn check_capabilities() -> Result<()> {
         (true, false) => "CAP_PERFMON",
     };
     Err(Error::NotPrivileged { missing })
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, ObjectSymbol};
+
+    /// Every map, program and global the loader asks for by name is in the embedded object,
+    /// each program in the section its type needs.
+    #[test]
+    fn the_object_has_every_name_the_loader_uses() {
+        let file = object::File::parse(super::OBJECT).expect("the embedded object is ELF");
+        let section_of = |name: &str| {
+            let symbol = file.symbols().find(|s| s.name() == Ok(name));
+            let symbol = symbol.unwrap_or_else(|| panic!("no symbol {name} in the eBPF object"));
+            let index = symbol.section_index().unwrap_or_else(|| panic!("{name} is in no section"));
+            file.section_by_index(index).unwrap().name().unwrap().to_string()
+        };
+        for map in super::names::MAPS {
+            assert_eq!(section_of(map), "maps", "map {map}");
+        }
+        assert_eq!(section_of(super::names::GLOBAL_LAYOUT), ".rodata");
+        for program in super::names::PROGRAMS {
+            let want = match program {
+                super::names::TASK_COUNTERS => "iter/task".to_string(),
+                tracepoint => format!("tp_btf/{tracepoint}"),
+            };
+            assert_eq!(section_of(program), want, "program {program}");
+        }
+    }
 }

@@ -18,6 +18,7 @@ pub fn is_cgroup2(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain C data, valid as all zeroes.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out pointer.
     (unsafe { libc::statfs(c.as_ptr(), &mut fs) } == 0) && fs.f_type as i64 == CGROUP2_SUPER_MAGIC

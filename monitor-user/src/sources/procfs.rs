@@ -149,6 +149,7 @@ pub fn host_memory() -> Result<(u64, u64)> {
 pub fn disk_usage(path: &std::path::Path) -> Result<(u64, u64)> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path")))?;
+    // SAFETY: statvfs is plain C data, valid as all zeroes.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out pointer.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
