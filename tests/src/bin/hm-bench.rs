@@ -35,7 +35,7 @@ const DAEMON_WORKERS: [usize; 3] = [10, 100, 1000];
 const DAEMON_BEATS: usize = 24;
 const MIB: u64 = 1 << 20;
 /// Rounds of each condition in the host-cost A/B, without and with the daemon alternating.
-const HOST_ROUNDS: usize = 5;
+const HOST_ROUNDS: usize = 9;
 /// Seconds one round of `perf bench sched pipe` should take; its loop count is sized to it.
 const PIPE_ROUND_S: f64 = 2.0;
 const HACKBENCH_ARGS: [&str; 4] = ["-g", "4", "-l", "1000"];
@@ -629,6 +629,18 @@ fn stop_child(child: &mut Child, signal: i32, grace: Duration) {
     let _ = child.wait();
 }
 
+/// Half the interquartile range of `values`, relative to their median: how far apart runs
+/// of the same case land on this machine, which a ratio must clear to say anything.
+fn noise(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.len() < 4 {
+        return f64::NAN;
+    }
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    (q(0.75) - q(0.25)) / 2.0 / median(values)
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -980,10 +992,10 @@ fn host_cost(args: &Args) -> Value {
     }
 
     println!(
-        "\n| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} |",
-        "workload", "where", "without (median)", "with (median)", "ratio", "target", "meets"
+        "\n| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} | {:>7} |",
+        "workload", "where", "without (median)", "with (median)", "ratio", "target", "meets", "noise"
     );
-    println!("|{:-<40}|{:-<19}|{:->18}|{:->18}|{:->8}|{:->8}|{:-<7}|", "", "", "", "", "", "", "");
+    println!("|{:-<40}|{:-<19}|{:->18}|{:->18}|{:->8}|{:->8}|{:-<7}|{:->9}|", "", "", "", "", "", "", "", "");
     let mut rows = Vec::new();
     for case in &cases {
         let (a, b) = (median(&case.without), median(&case.with));
@@ -996,8 +1008,9 @@ fn host_cost(args: &Args) -> Value {
             _ if v >= 10.0 => format!("{v:.2}"),
             _ => format!("{v:.4}"),
         };
+        let spread = noise(&case.without);
         println!(
-            "| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} |",
+            "| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} | {:>7} |",
             case.load.name(),
             case.place.name(),
             cell(a, case.without.len()),
@@ -1008,7 +1021,8 @@ fn host_cost(args: &Args) -> Value {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "n/a",
-            }
+            },
+            if spread.is_nan() { "n/a".to_string() } else { format!("±{:.1}%", spread * 100.0) }
         );
         rows.push(json!({
             "workload": case.load.short(), "command": case.load.name(), "unit": case.load.unit(),
@@ -1016,9 +1030,11 @@ fn host_cost(args: &Args) -> Value {
             "without_median": (!case.without.is_empty()).then_some(a),
             "with_median": (!case.with.is_empty()).then_some(b),
             "ratio": ratio, "target": target, "meets_target": meets, "errors": case.errors,
+            "noise_half_iqr": (!spread.is_nan()).then_some(spread),
         }));
     }
     println!("   units: pipe ping-pong {}, hackbench runs/s (1 / its time), nginx requests/s", pipe.unit());
+    println!("   noise: half the interquartile range of the runs without the monitor, relative to their median");
     json!({ "rounds": HOST_ROUNDS, "pipe_cpu": cpu, "notes": notes, "rows": rows })
 }
 
