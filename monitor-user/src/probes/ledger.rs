@@ -82,7 +82,9 @@ struct TaskState {
 
 #[derive(Default)]
 pub struct Ledger {
-    tasks: HashMap<(u32, u64), TaskState>,
+    /// Looked up once per task record and event: FxHash, which costs a fraction of std's
+    /// SipHash for integer keys (no hash flooding to fear: the keys come from the kernel).
+    tasks: HashMap<(u32, u64), TaskState, rustc_hash::FxBuildHasher>,
     totals: HashMap<u64, WorkerCounters>,
     /// CLOCK_MONOTONIC ns the previous pass began; `None` before the first.
     last_pass_ns: Option<u64>,
