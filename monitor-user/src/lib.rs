@@ -9,6 +9,7 @@ pub mod lock;
 pub mod privilege;
 pub mod probes;
 pub mod queen;
+pub mod record;
 pub mod sampler;
 pub mod sinks;
 pub mod sources;
