@@ -653,6 +653,104 @@ mod tests {
         assert!(!view.key(KeyCode::Char('q')));
     }
 
+    fn screen(terminal: &Terminal<TestBackend>) -> Vec<String> {
+        let buffer = terminal.backend().buffer();
+        (0..buffer.area.height)
+            .map(|y| {
+                (0..buffer.area.width).map(|x| buffer[(x, y)].symbol()).collect::<String>().trim_end().into()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_selected_workers_detail_help_and_thresholds() {
+        let mut history: Vec<Heartbeat> = (0..70)
+            .map(|i| {
+                let mut hb = snapshot();
+                hb.seq = i;
+                hb.workers[1].cpu_pct = Some(i as f64);
+                hb
+            })
+            .collect();
+        history.drain(..10);
+        let mut view = View::default();
+        view.key(KeyCode::Down);
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        terminal.draw(|f| render(f, &history, view, &Feed::Own, "")).unwrap();
+        let lines = screen(&terminal);
+        // The second row by CPU is embed/9090; its pane is below the table.
+        let title = lines.iter().position(|l| l.starts_with("embed/9090  pid 202")).expect("detail title");
+        assert!(lines[title].contains("last 60 samples"), "{lines:#?}");
+        for (row, label) in ["CPU%", "RUNQ%", "RD MB/s", "WR MB/s", "GPU%", "VRAM"].iter().enumerate() {
+            assert!(lines[title + 1 + row].starts_with(label), "{label}: {lines:#?}");
+        }
+        assert!(lines[title + 1].ends_with("69.0%"), "{lines:#?}");
+        // A rising CPU: the sparkline's bars grow from left to right.
+        let bars: Vec<char> = lines[title + 1].chars().skip(8).take(60).collect();
+        assert!(bars[0] != bars[59] && bars[59] == '█', "{bars:?}");
+        assert!(lines[title + 3].contains("n/a") && lines.iter().all(|l| l.chars().count() <= 80));
+        // RUNQ% 7.5 is not above 10; make it 12.5 and it is drawn in red, in the table and pane.
+        let red = |t: &Terminal<TestBackend>, y: usize| {
+            let b = t.backend().buffer();
+            (0..80).filter(|&x| b[(x, y as u16)].fg == Color::Red).count()
+        };
+        let row = lines.iter().position(|l| l.starts_with("embed/9090 ")).unwrap();
+        assert_eq!(red(&terminal, row), 0);
+        history.last_mut().unwrap().workers[1].runq_wait_pct = Some(12.5);
+        terminal.draw(|f| render(f, &history, view, &Feed::Own, "")).unwrap();
+        assert!(red(&terminal, row) >= 4 && red(&terminal, title + 2) >= 4, "{:#?}", screen(&terminal));
+        // ?: the keys.
+        view.key(KeyCode::Char('?'));
+        terminal.draw(|f| render(f, &history, view, &Feed::Own, "")).unwrap();
+        assert!(screen(&terminal).join("\n").contains("one heartbeat back"));
+    }
+
+    #[test]
+    fn top_at_a_recorded_moment_and_stepping_through_it() {
+        let dir = std::env::temp_dir().join(format!("hm-top-at-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut store = crate::record::Store::open(&dir, Default::default()).unwrap();
+        for i in 0..100u64 {
+            let mut hb = snapshot();
+            hb.seq = i + 1;
+            hb.timestamp = humantime::format_rfc3339_seconds(t0 + Duration::from_secs(i)).to_string();
+            hb.workers[0].cpu_pct = Some(10.0 + i as f64 / 4.0);
+            hb.workers[0].runq_wait_pct = Some(if i == 80 { 33.3 } else { 1.0 });
+            store.append(&serde_json::to_vec(&hb).unwrap(), t0 + Duration::from_secs(i)).unwrap();
+        }
+        drop(store);
+        let at = crate::record::parse_time("2027-01-15T08:01:20Z", SystemTime::now()).unwrap();
+        let offset = at.duration_since(t0).unwrap().as_secs();
+        let mut recorded = Recorded::open(&dir, at).unwrap();
+        let draw = |recorded: &Recorded| {
+            let history = recorded.history().unwrap();
+            let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+            let feed = Feed::Record(dir.display().to_string());
+            terminal.draw(|f| render(f, &history, View::default(), &feed, "")).unwrap();
+            (history.len(), screen(&terminal))
+        };
+        let (n, lines) = draw(&recorded);
+        let expected_seq = offset + 1;
+        let cpu = format!("{:.1}", 10.0 + offset as f64 / 4.0);
+        assert_eq!(n, 60);
+        assert!(lines[0].contains(&format!("#{expected_seq}")) && lines[0].contains("record "), "{lines:#?}");
+        assert!(lines[3].starts_with("llm/8080") && lines[3].contains(&cpu), "{lines:#?}");
+        // The run-queue spike recorded at that very second.
+        assert!(
+            lines[3].contains("33.3") && lines.iter().any(|l| l.starts_with("RUNQ%") && l.ends_with("33.3%"))
+        );
+        assert!(lines.iter().any(|l| l.starts_with("CPU%") && l.ends_with(&format!("{cpu}%"))), "{lines:#?}");
+        recorded.step(-1).unwrap();
+        let (_, back) = draw(&recorded);
+        assert!(back[0].contains(&format!("#{}", expected_seq - 1)), "{back:#?}");
+        recorded.step(1000).unwrap();
+        let (_, end) = draw(&recorded);
+        drop(recorded);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(end[0].contains("#100"), "stepping stops at the newest: {end:#?}");
+    }
+
     /// Serves one canned HTTP answer on a loopback port; returns the URL.
     fn serve_once(status: &'static str, body: String) -> String {
         use std::io::{Read, Write};
