@@ -546,6 +546,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
             heartbeat.hive.operational_status = "stopping".into();
         }
         heartbeat.collector.record = recorder.as_ref().map(|r| r.health());
+        if heartbeat.workers.is_empty() && sent == 0 {
+            log::info!(
+                "no workers in {} yet; start one with `hive-monitor spawn --group llm --instance 8080 -- CMD`, \
+                 or watch demo workers with `cargo xtask demo` (from the repository)",
+                sampler.slice().dir().display()
+            );
+        }
         let heartbeat = Arc::new(heartbeat);
         api.publish(Arc::clone(&heartbeat));
         if let Some(r) = &recorder {
