@@ -51,7 +51,7 @@ enum Cmd {
     /// prints tables and writes the figures to target/bench/bench.json and fuzz.json.
     Bench {
         /// Only these sections (comma-separated: ebpf_cost, host_cost, kernel_time, daemon,
-        /// cpu_accuracy, io_accuracy); the fuzzers then do not run.
+        /// cpu_accuracy, io_accuracy, record); the fuzzers then do not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
