@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::Result,
     probes::{
-        Availability, Figure, KernelReading, MapSizes, ProbeOptions, Probes, ProgramStatus, WorkerCounters,
+        Availability, Figure, KernelReading, MapSizes, ProbeOptions, ProgramStatus, Probes, WorkerCounters,
         WorkerReading,
     },
     sources::{
@@ -112,8 +112,7 @@ pub struct FigureSources {
 
 impl FigureSources {
     fn new(availability: &Availability) -> Self {
-        let probed_or =
-            |f: Figure, fallback: Source| if availability.has(f) { Source::Ebpf } else { fallback };
+        let probed_or = |f: Figure, fallback: Source| if availability.has(f) { Source::Ebpf } else { fallback };
         FigureSources {
             cpu: probed_or(Figure::Cpu, Source::Cgroup),
             runq: probed_or(Figure::Runq, Source::Unavailable),
@@ -518,11 +517,9 @@ impl Sampler {
 
     /// The daemon's CPU time since the last sample, and its memory now.
     fn self_cost(&mut self, kernel_ns: u64) -> SelfCost {
-        let cpu_ns =
-            procfs::self_cpu_ns().map_err(|e| log::debug!("own CPU time left out: {e}")).unwrap_or(0);
+        let cpu_ns = procfs::self_cpu_ns().map_err(|e| log::debug!("own CPU time left out: {e}")).unwrap_or(0);
         let cpu_s = cpu_ns.saturating_sub(std::mem::replace(&mut self.last_cpu_ns, cpu_ns)) as f64 / 1e9;
-        let rss_bytes =
-            procfs::self_rss_bytes().map_err(|e| log::debug!("own RSS left out: {e}")).unwrap_or(0);
+        let rss_bytes = procfs::self_rss_bytes().map_err(|e| log::debug!("own RSS left out: {e}")).unwrap_or(0);
         SelfCost { cpu_s, kernel_s: kernel_ns as f64 / 1e9, rss_bytes }
     }
 
@@ -606,8 +603,7 @@ fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[WorkerCgroup]) {
         match cgroup::cpu_usage_ns(&w.dir) {
             Ok(cpu_ns) => {
                 let at_ns = crate::probes::monotonic_ns();
-                let entry =
-                    reading.workers.entry(w.id).or_insert(WorkerReading { at_ns, ..Default::default() });
+                let entry = reading.workers.entry(w.id).or_insert(WorkerReading { at_ns, ..Default::default() });
                 (entry.at_ns, entry.counters.cpu_ns) = (at_ns, cpu_ns);
             }
             Err(e) => log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance),

@@ -103,9 +103,7 @@ impl Figure {
     fn needs(self) -> (&'static [&'static str], Vec<&'static Member>) {
         let uncharged = || layout::UNCHARGED.iter();
         match self {
-            Figure::Cpu => {
-                (TASK_PROGRAMS, [&layout::SUM_EXEC_RUNTIME].into_iter().chain(uncharged()).collect())
-            }
+            Figure::Cpu => (TASK_PROGRAMS, [&layout::SUM_EXEC_RUNTIME].into_iter().chain(uncharged()).collect()),
             Figure::Runq => (TASK_PROGRAMS, layout::RUN_DELAY.iter().collect()),
             Figure::CtxSwitches => (TASK_PROGRAMS, layout::SWITCHES.iter().collect()),
             Figure::IoSyscall => (TASK_PROGRAMS, layout::SYSCALL_IO.iter().collect()),
@@ -181,8 +179,7 @@ mod tests {
 
     #[test]
     fn a_missing_member_costs_only_its_figure() {
-        let missing =
-            Missing::from([("task_struct.ioac.write_bytes".to_string(), "no such member".to_string())]);
+        let missing = Missing::from([("task_struct.ioac.write_bytes".to_string(), "no such member".to_string())]);
         let a = Availability::new(&attached(), &missing);
         let out: Vec<_> = a.missing().collect();
         assert_eq!(out.len(), 1, "{out:?}");
@@ -198,14 +195,7 @@ mod tests {
         let out: Vec<Figure> = a.missing().map(|(f, _)| f).collect();
         assert_eq!(
             out,
-            [
-                Figure::Cpu,
-                Figure::Runq,
-                Figure::CtxSwitches,
-                Figure::IoSyscall,
-                Figure::IoRead,
-                Figure::IoWrite
-            ]
+            [Figure::Cpu, Figure::Runq, Figure::CtxSwitches, Figure::IoSyscall, Figure::IoRead, Figure::IoWrite]
         );
         assert!(a.has(Figure::ProcessesExited) && a.has(Figure::ProcessesForked));
     }

@@ -20,11 +20,7 @@ pub struct Member {
     paths: &'static [&'static [&'static str]],
 }
 
-const fn member(
-    name: &'static str,
-    strukt: &'static str,
-    paths: &'static [&'static [&'static str]],
-) -> Member {
+const fn member(name: &'static str, strukt: &'static str, paths: &'static [&'static [&'static str]]) -> Member {
     Member { name, strukt, paths }
 }
 
@@ -60,11 +56,7 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         cgroup_kn: r.member(&member("cgroup.kn", "cgroup", &[&["kn"]])),
         kernfs_node_id: r.member(&member("kernfs_node.id", "kernfs_node", &[&["id"]])),
         // Renamed in 6.15.
-        kernfs_node_parent: r.member(&member(
-            "kernfs_node.parent",
-            "kernfs_node",
-            &[&["__parent"], &["parent"]],
-        )),
+        kernfs_node_parent: r.member(&member("kernfs_node.parent", "kernfs_node", &[&["__parent"], &["parent"]])),
         task_sum_exec_runtime: r.member(&SUM_EXEC_RUNTIME),
         task_on_cpu: r.member(&UNCHARGED[0]),
         task_exec_start: r.member(&UNCHARGED[1]),
@@ -139,8 +131,7 @@ pub const SYSCALL_IO: [Member; 2] = [
     member("task_struct.ioac.rchar", "task_struct", &[&["ioac", "rchar"]]),
     member("task_struct.ioac.wchar", "task_struct", &[&["ioac", "wchar"]]),
 ];
-pub const READ_BYTES: Member =
-    member("task_struct.ioac.read_bytes", "task_struct", &[&["ioac", "read_bytes"]]);
+pub const READ_BYTES: Member = member("task_struct.ioac.read_bytes", "task_struct", &[&["ioac", "read_bytes"]]);
 pub const WRITE_BYTES: Member =
     member("task_struct.ioac.write_bytes", "task_struct", &[&["ioac", "write_bytes"]]);
 
@@ -216,9 +207,7 @@ fn decode(reply: &[u8]) -> Result<Resolved> {
             }
             Ok(Resolved { layout, missing })
         }
-        Some((b'E', why)) => {
-            Err(Error::NoBtf { path: VMLINUX_BTF.into(), reason: String::from_utf8_lossy(why).into() })
-        }
+        Some((b'E', why)) => Err(Error::NoBtf { path: VMLINUX_BTF.into(), reason: String::from_utf8_lossy(why).into() }),
         _ => Err(Error::Btf("the layout child process ended without an answer".into())),
     }
 }
@@ -259,9 +248,7 @@ impl Resolver<'_> {
             self.missing.insert(name.into(), "withheld by HIVE_MONITOR_WITHHOLD".into());
             return None;
         }
-        TracepointArgs::resolve(self.btf, name)
-            .map_err(|e| self.missing.insert(name.into(), e.to_string()))
-            .ok()
+        TracepointArgs::resolve(self.btf, name).map_err(|e| self.missing.insert(name.into(), e.to_string())).ok()
     }
 
     fn arg(&mut self, tp: &Option<TracepointArgs>, name: &str, kind: &ArgKind, n: usize) -> u32 {

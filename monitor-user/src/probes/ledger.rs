@@ -137,12 +137,8 @@ impl Ledger {
             // From outside (a worker's process is started outside and moves itself in): it
             // counts from its counters at the move.
             None if r.worker != 0 => {
-                let state = TaskState {
-                    worker: r.worker,
-                    exited_at: None,
-                    counted: r.counters,
-                    seen: self.pass.saturating_sub(1),
-                };
+                let state =
+                    TaskState { worker: r.worker, exited_at: None, counted: r.counters, seen: self.pass.saturating_sub(1) };
                 self.tasks.insert(key, state);
             }
             None => {}
@@ -173,8 +169,7 @@ impl Ledger {
         self.note(r);
         if let Some(s) = self.tasks.remove(&(r.tid, r.start_ns)) {
             let (over, _) = growth(&r.counters, &s.counted);
-            pairs!(self.totals.entry(r.worker).or_default(), &over, |w: &mut u64, d: u64| *w =
-                w.saturating_sub(d));
+            pairs!(self.totals.entry(r.worker).or_default(), &over, |w: &mut u64, d: u64| *w = w.saturating_sub(d));
         }
     }
 

@@ -19,11 +19,11 @@ use monitor_common::{
     TASK_EXITING,
 };
 
-use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
 pub use self::{
     figures::{Availability, Figure, ProgramStatus},
     ledger::WorkerCounters,
 };
+use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
 use crate::error::{Error, Result};
 
 /// The object `build.rs` compiled from `monitor-ebpf`.
@@ -159,9 +159,7 @@ impl Probes {
                 let status = match load_program(&mut ebpf, name, &aya_btf, &resolved.missing, &withheld) {
                     Ok(()) => ProgramStatus::Attached,
                     Err(why) => {
-                        log::warn!(
-                            "eBPF program {name} not attached: {why}; the figures that need it are left out"
-                        );
+                        log::warn!("eBPF program {name} not attached: {why}; the figures that need it are left out");
                         ProgramStatus::Unavailable(why)
                     }
                 };
@@ -378,11 +376,9 @@ impl Probes {
             .ok_or(Error::NoProgram(figures::TASK_COUNTERS.into()))?
             .try_into()
             .map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
+        let link = program.attach().map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
         let link =
-            program.attach().map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
-        let link = program
-            .take_link(link)
-            .map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
+            program.take_link(link).map_err(|source| Error::Program { program: figures::TASK_COUNTERS, source })?;
         let mut file = link.into_file().map_err(|e| Error::Iterator(e.to_string()))?;
         // Yielding updates this CPU's run-queue clock, which the iterator measures the
         // scheduler clock against (see `monitor-ebpf`'s `clock_offset`).
@@ -510,3 +506,4 @@ fn check_capabilities() -> Result<()> {
     };
     Err(Error::NotPrivileged { missing })
 }
+

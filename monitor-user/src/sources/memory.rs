@@ -85,13 +85,8 @@ impl MemorySource {
             self.v1_dirs.clear();
         }
         let mut seen = HashSet::new();
-        self.v1_shared = self
-            .v1_dirs
-            .values()
-            .map(|(d, _)| d.as_os_str())
-            .filter(|d| !seen.insert(*d))
-            .map(Into::into)
-            .collect();
+        self.v1_shared =
+            self.v1_dirs.values().map(|(d, _)| d.as_os_str()).filter(|d| !seen.insert(*d)).map(Into::into).collect();
     }
 
     /// Forgets the main processes not in `live`.
@@ -127,9 +122,7 @@ impl MemorySource {
             }
             let inside = match self.v1_members.entry(v1.clone()) {
                 Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => {
-                    e.insert(cgroup::procs_kept(v1, *nested, &mut self.files)?.into_iter().collect())
-                }
+                Entry::Vacant(e) => e.insert(cgroup::procs_kept(v1, *nested, &mut self.files)?.into_iter().collect()),
             };
             if inside.len() == procs.len() && procs.iter().all(|p| inside.contains(p)) {
                 return read_v1(&mut self.files, v1);
