@@ -50,6 +50,8 @@ enum Command {
     /// A live table of the workers: from the local daemon's pull API when it answers,
     /// else from probes this command loads itself.
     Top(TopArgs),
+    /// Print recorded heartbeats (`run --record DIR`) as JSON lines, as they were sent.
+    Replay(ReplayArgs),
     /// Print the heartbeat's JSON Schema.
     Schema,
     /// A reference coordinator: receives heartbeats pushed by hives or subscribes to the
@@ -69,6 +71,22 @@ struct CoordinatorArgs {
 }
 
 #[derive(Args)]
+struct ReplayArgs {
+    /// The directory given to `run --record`.
+    #[arg(long, value_name = "DIR")]
+    record: PathBuf,
+    /// From this time: RFC 3339 (`2026-11-24T10:00:00Z`) or relative (`10 min ago`).
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// Up to this time, same forms [default: the newest].
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// Only this worker: heartbeats that hold it, with only it in `workers`.
+    #[arg(long, value_name = "GROUP/INSTANCE")]
+    worker: Option<String>,
+}
+
+#[derive(Args)]
 struct TopArgs {
     #[command(flatten)]
     cgroup: CgroupArgs,
@@ -81,6 +99,12 @@ struct TopArgs {
     /// Identity of this host [default: the host name].
     #[arg(long)]
     hive_id: Option<String>,
+    /// Show recorded heartbeats from this directory (`run --record DIR`) instead of live ones.
+    #[arg(long, value_name = "DIR", requires = "at")]
+    record: Option<PathBuf>,
+    /// With --record: the moment to show, RFC 3339 or relative (`10 min ago`).
+    #[arg(long, value_name = "TIME", requires = "record")]
+    at: Option<String>,
 }
 
 #[derive(Args)]
@@ -180,6 +204,15 @@ struct RunArgs {
     /// and collector.probes.workers_map_full counts the lost events [default: 4096].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_WORKERS_LIMIT)))]
     max_workers: Option<u32>,
+    /// Keep every heartbeat in a record under this directory (`hive-monitor replay`).
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// Drop recorded heartbeats older than this: `7d`, `12h`, … [default: 7d].
+    #[arg(long, value_parser = crate::record::parse_retention)]
+    record_retention: Option<Duration>,
+    /// Drop the oldest recorded heartbeats beyond this size on disk: `1G`, `500M`, … [default: 1G].
+    #[arg(long, value_parser = spawn::parse_size)]
+    record_max_size: Option<u64>,
     /// Do not load the probes (also the fallback when they cannot be loaded): CPU from each
     /// worker's cpu.stat; run-queue wait and context switches are then unavailable.
     #[arg(long)]
@@ -229,6 +262,13 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args).map(|()| 0),
         Command::Spawn(args) => spawn(args),
         Command::Top(args) => top(args).map(|()| 0),
+        Command::Replay(args) => crate::record::replay(
+            &args.record,
+            args.from.as_deref(),
+            args.to.as_deref(),
+            args.worker.as_deref(),
+        )
+        .map(|()| 0),
         Command::Coordinator(args) => {
             let token = args.token_file.as_deref().map(read_token).transpose();
             token.and_then(|token| crate::queen::run(args.listen, token)).map(|()| 0)
@@ -265,6 +305,9 @@ fn top(args: TopArgs) -> Result<(), Error> {
     let (config, slice) = args.cgroup.load()?;
     let listen = args.listen.or(config.listen).unwrap_or_else(default_listen);
     let interval = args.interval.or(config.interval).unwrap_or(DEFAULT_INTERVAL);
+    if let (Some(dir), Some(at)) = (&args.record, &args.at) {
+        return top::run_recorded(dir, at);
+    }
     top::run(slice, &listen.to_string(), interval, identity(args.hive_id.or(config.hive_id)))
 }
 
@@ -430,6 +473,7 @@ fn fixed(config: &Config) -> impl PartialEq + std::fmt::Debug + '_ {
     (
         (&config.slice, &config.cgroup_root, &config.nvml_lib, &config.listen, &config.api_token_file),
         config.max_workers,
+        (&config.record, config.record_retention, config.record_max_size),
     )
 }
 
@@ -452,8 +496,8 @@ fn reload(
     };
     if fixed(&new.0) != fixed(config) {
         log::warn!(
-            "SIGHUP: slice, cgroup_root, nvml_lib, listen, api_token_file and max_workers change only \
-             on restart"
+            "SIGHUP: slice, cgroup_root, nvml_lib, listen, api_token_file, max_workers and record* \
+             change only on restart"
         );
     }
     if (&new.1.coordinator, new.1.protocol, &new.1.advertise_url, &new.1.token_file, new.1.timeout)
@@ -506,6 +550,22 @@ fn run(args: RunArgs) -> Result<(), Error> {
         humantime::format_duration(settings.interval)
     );
     let mut sink = settings.sink(&api)?;
+    let recorder = match args.record.as_ref().or(config.record.as_ref()) {
+        Some(dir) => Some(crate::record::Recorder::start(
+            dir.clone(),
+            crate::record::Limits {
+                retention: args
+                    .record_retention
+                    .or(config.record_retention)
+                    .unwrap_or(crate::record::DEFAULT_RETENTION),
+                max_size: args
+                    .record_max_size
+                    .or(config.record_max_size)
+                    .unwrap_or(crate::record::DEFAULT_MAX_SIZE),
+            },
+        )?),
+        None => None,
+    };
     crate::privilege::drop_unneeded()?;
     let mut interval_ns = settings.interval.as_nanos() as u64;
     let mut server_status: Option<String> = None;
@@ -547,8 +607,19 @@ fn run(args: RunArgs) -> Result<(), Error> {
             heartbeat.hive.operational_status = "stopping".into();
         }
         heartbeat.collector.stream_subscribers = api.subscribers();
+        heartbeat.collector.record = recorder.as_ref().map(|r| r.health());
+        if heartbeat.workers.is_empty() && sent == 0 {
+            log::info!(
+                "no workers in {} yet; start one with `hive-monitor spawn --group llm --instance 8080 -- CMD`, \
+                 or watch demo workers with `cargo xtask demo` (from the repository)",
+                sampler.slice().dir().display()
+            );
+        }
         let heartbeat = Arc::new(heartbeat);
         api.publish(Arc::clone(&heartbeat));
+        if let Some(r) = &recorder {
+            r.record(&heartbeat);
+        }
         match &mut sink {
             Sink::Stdout(out) => match out.send(&heartbeat) {
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),

@@ -31,6 +31,11 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub api_token_file: Option<PathBuf>,
     pub max_workers: Option<u32>,
+    pub record: Option<PathBuf>,
+    #[serde(default, deserialize_with = "retention")]
+    pub record_retention: Option<Duration>,
+    #[serde(default, deserialize_with = "size")]
+    pub record_max_size: Option<u64>,
 }
 
 /// How heartbeats reach the coordinator.
@@ -90,6 +95,16 @@ fn interval<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Durat
     parse_interval(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
+fn retention<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::record::parse_retention(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::spawn::parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,12 +132,17 @@ mod tests {
             timeout = "2s"
             listen = "0.0.0.0:7835"
             api_token_file = "/etc/hive/api-token"
+            record = "/var/lib/hive-monitor/record"
+            record_retention = "3d"
+            record_max_size = "500M"
             "#,
         )
         .unwrap();
         assert_eq!(c.interval, Some(Duration::from_millis(500)));
         assert_eq!(c.listen, Some("0.0.0.0:7835".parse().unwrap()));
         assert_eq!((c.prewarm_threshold, c.slice.as_deref()), (Some(90.5), Some("a/rbee.slice")));
+        assert_eq!(c.record_retention, Some(Duration::from_secs(3 * 86400)));
+        assert_eq!(c.record_max_size, Some(500 << 20));
         assert_eq!(parse("").unwrap(), Config::default());
     }
 
@@ -147,6 +167,8 @@ mod tests {
             ("max_workers = 0", "outside 1..="),
             ("max_workers = 99999999", "outside 1..="),
             ("max_workers = -1", "invalid value"),
+            ("record_retention = \"forever\"", "examples: 7d"),
+            ("record_max_size = \"-1G\"", "not a positive size"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.contains("config ") && e.contains(says), "{text:?}: {e}");

@@ -91,6 +91,9 @@ pub enum Error {
     #[error("daemon pull API {url}: {reason}")]
     Pull { url: String, reason: String },
 
+    #[error("record {path}: {reason}")]
+    Record { path: PathBuf, reason: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

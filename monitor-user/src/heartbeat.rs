@@ -242,6 +242,15 @@ pub struct Collector {
     /// What the monitor itself cost over the interval.
     #[serde(rename = "self")]
     pub self_cost: SelfCost,
+    /// `run --record`: heartbeats recorded so far, and those that could not be (full or
+    /// read-only disk); `null` when not recording.
+    pub record: Option<RecordHealth>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RecordHealth {
+    pub written: u64,
+    pub failed: u64,
 }
 
 /// The daemon's own cost over the interval.
@@ -341,6 +350,7 @@ impl Heartbeat {
                     nested_too_deep: sample.probe_stats.too_deep,
                     events_lost: sample.probe_stats.events_lost,
                 },
+                record: None,
             },
         }
     }

@@ -10,6 +10,7 @@ pub mod privilege;
 pub mod probes;
 pub mod queen;
 pub mod rbee;
+pub mod record;
 pub mod sampler;
 pub mod sinks;
 pub mod sources;

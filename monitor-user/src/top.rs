@@ -3,15 +3,17 @@
 //! this command loads itself.
 use std::{
     cmp::Ordering,
-    time::{Duration, Instant},
+    collections::VecDeque,
+    path::Path,
+    time::{Duration, Instant, SystemTime},
 };
 
 use ratatui::{
-    crossterm::event::{self, Event, KeyCode, KeyEventKind},
+    crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
     layout::{Constraint, Layout, Rect},
-    style::{Modifier, Style},
+    style::{Color, Modifier, Style},
     text::Line,
-    widgets::{Cell, Paragraph, Row, Table},
+    widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table},
     Frame,
 };
 
@@ -19,9 +21,20 @@ use crate::{
     error::{Error, Result},
     heartbeat::{Heartbeat, HiveIdentity, Worker},
     probes::monotonic_ns,
+    record::Reader,
     sampler::{BpfMode, Sampler, SamplerOptions},
     sources::cgroup::Slice,
 };
+
+/// Samples the detail pane draws for the selected worker.
+pub const HISTORY: usize = 60;
+/// Run-queue wait above this share of the interval is highlighted: the worker's tasks
+/// wait for a CPU more than they should.
+pub const RUNQ_ALERT_PCT: f64 = 10.0;
+/// Rows of the detail pane: a title and one sparkline per figure.
+const DETAIL_ROWS: u16 = 1 + SERIES.len() as u16;
+/// The detail pane is drawn when the table keeps at least this many rows beside it.
+const MIN_TABLE_ROWS: u16 = 4;
 
 /// Smallest terminal the view draws into; below it, it says so instead.
 pub const MIN_WIDTH: u16 = 30;
@@ -90,17 +103,36 @@ const COLUMNS: [Column; 10] = [
     },
 ];
 
-/// What the user chose: the sort column and direction.
+/// A figure of the detail pane: label, how it reads a worker, and its unit.
+struct Series {
+    label: &'static str,
+    value: fn(&Worker) -> Option<f64>,
+    unit: &'static str,
+}
+
+const SERIES: [Series; 6] = [
+    Series { label: "CPU%", value: |w| w.cpu_pct, unit: "%" },
+    Series { label: "RUNQ%", value: |w| w.runq_wait_pct, unit: "%" },
+    Series { label: "RD MB/s", value: |w| w.io_r_mb_s, unit: " MB/s" },
+    Series { label: "WR MB/s", value: |w| w.io_w_mb_s, unit: " MB/s" },
+    Series { label: "GPU%", value: |w| w.gpu_util_pct, unit: "%" },
+    Series { label: "VRAM", value: |w| w.vram_mb.map(|v| v as f64), unit: " MB" },
+];
+
+/// What the user chose: the sort column and direction, the selected row, the help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct View {
     pub sort: usize,
     pub descending: bool,
+    /// Index into the sorted rows.
+    pub selected: usize,
+    pub help: bool,
 }
 
 impl Default for View {
     /// Busiest first.
     fn default() -> Self {
-        Self { sort: 2, descending: true }
+        Self { sort: 2, descending: true, selected: 0, help: false }
     }
 }
 
@@ -114,6 +146,9 @@ impl View {
                 self.sort = (self.sort + COLUMNS.len() - 1) % COLUMNS.len()
             }
             KeyCode::Char('r') => self.descending = !self.descending,
+            KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
+            KeyCode::Down | KeyCode::Char('j') => self.selected = self.selected.saturating_add(1),
+            KeyCode::Char('?') => self.help = !self.help,
             KeyCode::Char(c @ '0'..='9') => self.sort = (c as usize - '0' as usize + 9) % 10,
             _ => {}
         }
@@ -127,10 +162,26 @@ pub enum Feed {
     Daemon(String),
     /// Probes loaded by this command.
     Own,
+    /// A record (`run --record DIR`), at a past moment.
+    Record(String),
 }
 
-/// Draws one heartbeat (or a notice while there is none) into the whole frame.
-pub fn render(frame: &mut Frame, heartbeat: Option<&Heartbeat>, view: View, feed: &Feed, status: &str) {
+/// The keys, for the `?` overlay.
+const HELP: [&str; 9] = [
+    "↑/↓ j/k     select a worker (its detail below)",
+    "←/→ 1-0     sort column",
+    "r           reverse the sort",
+    "[ / ]       with --record: one heartbeat back / on",
+    "{ / }       with --record: one minute back / on",
+    "?           this help",
+    "q Esc ^C    quit",
+    "",
+    "RUNQ% above 10 is shown in red.",
+];
+
+/// Draws the newest heartbeat of `history` (or a notice while there is none) into the
+/// whole frame, with the selected worker's figures over `history` below the table.
+pub fn render(frame: &mut Frame, history: &[Heartbeat], view: View, feed: &Feed, status: &str) {
     let area = frame.area();
     if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
         let msg =
@@ -138,13 +189,23 @@ pub fn render(frame: &mut Frame, heartbeat: Option<&Heartbeat>, view: View, feed
         frame.render_widget(Paragraph::new(msg), area);
         return;
     }
-    let [header, table, footer] =
-        Layout::vertical([Constraint::Length(2), Constraint::Min(1), Constraint::Length(1)]).areas(area);
+    let detail_rows = match area.height >= 3 + DETAIL_ROWS + MIN_TABLE_ROWS {
+        true => DETAIL_ROWS,
+        false => 0,
+    };
+    let [header, table, detail, footer] = Layout::vertical([
+        Constraint::Length(2),
+        Constraint::Min(1),
+        Constraint::Length(detail_rows),
+        Constraint::Length(1),
+    ])
+    .areas(area);
     let source = match feed {
         Feed::Daemon(url) => format!("daemon {url}"),
         Feed::Own => "own probes".into(),
+        Feed::Record(dir) => format!("record {dir}"),
     };
-    let Some(hb) = heartbeat else {
+    let Some(hb) = history.last() else {
         frame.render_widget(
             Paragraph::new(vec![Line::from(format!("hive-monitor top — {source}")), Line::from(status)]),
             header,
@@ -162,22 +223,77 @@ pub fn render(frame: &mut Frame, heartbeat: Option<&Heartbeat>, view: View, feed
     );
     let title = format!("{} {}  #{}  {}", h.id, hb.timestamp, hb.seq, source);
     frame.render_widget(Paragraph::new(vec![Line::from(title), Line::from(host)]), header);
-    frame.render_widget(worker_table(&hb.workers, view, table), table);
+    let rows = sorted(&hb.workers, view);
+    let selected = view.selected.min(rows.len().saturating_sub(1));
+    frame.render_widget(worker_table(&rows, view, selected, table), table);
+    if let Some(w) = rows.get(selected).filter(|_| detail_rows > 0) {
+        render_detail(frame, history, w, detail);
+    }
     let order = if view.descending { "▼" } else { "▲" };
-    let help =
-        format!("sort: {} {order}   q quit  ←/→ or 1-0 sort column  r reverse", COLUMNS[view.sort].title);
+    let help = format!(
+        "sort: {} {order}   q quit  ↑/↓ select  ←/→ sort  r reverse  ? help",
+        COLUMNS[view.sort].title
+    );
     frame.render_widget(Paragraph::new(if status.is_empty() { help.as_str() } else { status }), footer);
+    if view.help {
+        let width = (HELP.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u16 + 4).min(area.width);
+        let height = (HELP.len() as u16 + 2).min(area.height);
+        let popup = Rect {
+            x: area.x + (area.width - width) / 2,
+            y: area.y + (area.height - height) / 2,
+            width,
+            height,
+        };
+        frame.render_widget(Clear, popup);
+        let lines: Vec<Line> = HELP.iter().map(|l| Line::from(*l)).collect();
+        frame.render_widget(
+            Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" keys ")),
+            popup,
+        );
+    }
 }
 
-fn worker_table(workers: &[Worker], view: View, area: Rect) -> Table<'static> {
-    // As many columns as fit, left to right, one space apart.
-    let mut used = 0;
-    let shown: Vec<usize> = (0..COLUMNS.len())
-        .take_while(|&i| {
-            used += COLUMNS[i].width + u16::from(i > 0);
-            used <= area.width
-        })
-        .collect();
+/// The selected worker's figures over the heartbeats in `history` (one sparkline each, the
+/// newest on the right) with the newest value.
+fn render_detail(frame: &mut Frame, history: &[Heartbeat], worker: &Worker, area: Rect) {
+    let same = |w: &&Worker| w.group == worker.group && w.instance == worker.instance;
+    let title = format!(
+        "{}/{}  pid {}  model {}  last {} samples",
+        worker.group,
+        worker.instance,
+        worker.pid.map_or_else(|| "n/a".into(), |p| p.to_string()),
+        worker.model.as_deref().unwrap_or("n/a"),
+        history.len().min(HISTORY),
+    );
+    let rows = Layout::vertical([Constraint::Length(1); DETAIL_ROWS as usize]).split(area);
+    frame.render_widget(Paragraph::new(title).style(Style::default().add_modifier(Modifier::BOLD)), rows[0]);
+    for (series, &row) in SERIES.iter().zip(&rows[1..]) {
+        let [label, spark, value] =
+            Layout::horizontal([Constraint::Length(8), Constraint::Min(1), Constraint::Length(12)])
+                .areas(row);
+        let points: Vec<Option<f64>> = history
+            .iter()
+            .rev()
+            .take(HISTORY.min(spark.width as usize))
+            .map(|hb| hb.workers.iter().find(same).and_then(series.value))
+            .collect();
+        // Hundredths, so that figures below one still draw.
+        let bars: Vec<Option<u64>> =
+            points.iter().rev().map(|v| v.map(|v| (v.max(0.0) * 100.0) as u64)).collect();
+        let newest = (series.value)(worker);
+        let alert = series.label == "RUNQ%" && newest.is_some_and(|v| v > RUNQ_ALERT_PCT);
+        let style = match alert {
+            true => Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
+            false => Style::default().fg(Color::Cyan),
+        };
+        frame.render_widget(Paragraph::new(series.label), label);
+        frame.render_widget(Sparkline::default().data(bars).style(style), spark);
+        let text = newest.map_or_else(|| " n/a".into(), |v| format!(" {v:.1}{}", series.unit));
+        frame.render_widget(Paragraph::new(text).style(style), value);
+    }
+}
+
+fn sorted(workers: &[Worker], view: View) -> Vec<&Worker> {
     let mut rows: Vec<&Worker> = workers.iter().collect();
     let key = COLUMNS[view.sort].key;
     rows.sort_by(|a, b| {
@@ -188,6 +304,18 @@ fn worker_table(workers: &[Worker], view: View, area: Rect) -> Table<'static> {
             o
         }
     });
+    rows
+}
+
+fn worker_table(rows: &[&Worker], view: View, selected: usize, area: Rect) -> Table<'static> {
+    // As many columns as fit, left to right, one space apart.
+    let mut used = 0;
+    let shown: Vec<usize> = (0..COLUMNS.len())
+        .take_while(|&i| {
+            used += COLUMNS[i].width + u16::from(i > 0);
+            used <= area.width
+        })
+        .collect();
     // The sort column's title is shown bold and not inverted; the footer names it.
     let header = Row::new(shown.iter().map(|&i| {
         let cell = Cell::from(COLUMNS[i].title);
@@ -196,10 +324,108 @@ fn worker_table(workers: &[Worker], view: View, area: Rect) -> Table<'static> {
             false => cell.style(Style::default().add_modifier(Modifier::REVERSED)),
         }
     }));
-    let body = rows.into_iter().map(|w| Row::new(shown.iter().map(|&i| Cell::from((COLUMNS[i].text)(w)))));
+    let body = rows.iter().enumerate().map(|(n, w)| {
+        let row = Row::new(shown.iter().map(|&i| {
+            let cell = Cell::from((COLUMNS[i].text)(w));
+            match COLUMNS[i].title == "RUNQ%" && w.runq_wait_pct.is_some_and(|v| v > RUNQ_ALERT_PCT) {
+                true => cell.style(Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)),
+                false => cell,
+            }
+        }));
+        match n == selected {
+            true => row.style(Style::default().bg(Color::DarkGray)),
+            false => row,
+        }
+    });
     Table::new(body, shown.iter().map(|&i| Constraint::Length(COLUMNS[i].width)))
         .header(header)
         .column_spacing(1)
+}
+
+/// A past moment in a record: the heartbeat shown and the ones before it.
+pub struct Recorded {
+    reader: Reader,
+    id: i64,
+}
+
+impl Recorded {
+    /// The newest heartbeat at or before `at`.
+    pub fn open(dir: &Path, at: SystemTime) -> Result<Self> {
+        let reader = Reader::open(dir)?;
+        let id = reader.id_at(at)?.ok_or_else(|| Error::Record {
+            path: dir.to_path_buf(),
+            reason: "the record holds no heartbeat".into(),
+        })?;
+        Ok(Self { reader, id })
+    }
+
+    /// Moves by `by` heartbeats, within the record.
+    pub fn step(&mut self, by: i64) -> Result<()> {
+        if let Some((first, last)) = self.reader.bounds()? {
+            self.id = self.id.saturating_add(by).clamp(first, last);
+        }
+        Ok(())
+    }
+
+    /// The heartbeat at the current moment and up to `HISTORY - 1` before it, oldest first.
+    pub fn history(&self) -> Result<Vec<Heartbeat>> {
+        let mut out = VecDeque::with_capacity(HISTORY);
+        self.reader.scan(self.id - HISTORY as i64 + 1, |e| {
+            if e.id > self.id {
+                return false;
+            }
+            match serde_json::from_slice(&e.json) {
+                Ok(hb) => {
+                    if out.len() == HISTORY {
+                        out.pop_front();
+                    }
+                    out.push_back(hb);
+                }
+                Err(why) => log::warn!("record {}: not a heartbeat ({why}); skipped", e.id),
+            }
+            true
+        })?;
+        Ok(out.into())
+    }
+}
+
+/// `top --record DIR --at TIME`: a past moment; `[`/`]` step one heartbeat, `{`/`}` sixty.
+pub fn run_recorded(dir: &Path, at: &str) -> Result<()> {
+    let at = crate::record::parse_time(at, SystemTime::now())
+        .map_err(|reason| Error::Record { path: dir.to_path_buf(), reason })?;
+    let mut recorded = Recorded::open(dir, at)?;
+    let feed = Feed::Record(dir.display().to_string());
+    let mut history = recorded.history()?;
+    let mut terminal = ratatui::init();
+    let mut view = View::default();
+    let result = loop {
+        if let Err(e) = terminal.draw(|f| render(f, &history, view, &feed, "")) {
+            break Err(Error::io("terminal", e));
+        }
+        let key = match event::read() {
+            Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => k,
+            Ok(_) => continue,
+            Err(e) => break Err(Error::io("terminal", e)),
+        };
+        let step = match key.code {
+            KeyCode::Char('[') => -1,
+            KeyCode::Char(']') => 1,
+            KeyCode::Char('{') => -(HISTORY as i64),
+            KeyCode::Char('}') => HISTORY as i64,
+            _ if quits(key) || !view.key(key.code) => break Ok(()),
+            _ => continue,
+        };
+        if let Err(e) = recorded.step(step).and_then(|()| recorded.history()).map(|h| history = h) {
+            break Err(e);
+        }
+    };
+    ratatui::restore();
+    result
+}
+
+/// Ctrl-C: the terminal is in raw mode, so it arrives as a key, not as SIGINT.
+fn quits(key: event::KeyEvent) -> bool {
+    key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL)
 }
 
 /// The latest heartbeat from the daemon's pull API.
@@ -228,7 +454,7 @@ pub fn run(slice: Slice, listen: &str, interval: Duration, identity: HiveIdentit
 
     let mut terminal = ratatui::init();
     let mut view = View::default();
-    let mut latest: Option<Heartbeat> = None;
+    let mut history: VecDeque<Heartbeat> = VecDeque::with_capacity(HISTORY);
     let mut status = String::from("waiting for the first sample…");
     let mut next = Instant::now();
     let result = loop {
@@ -242,19 +468,22 @@ pub fn run(slice: Slice, listen: &str, interval: Duration, identity: HiveIdentit
             };
             match heartbeat {
                 Ok(hb) => {
-                    latest = Some(hb);
+                    if history.len() == HISTORY {
+                        history.pop_front();
+                    }
+                    history.push_back(hb);
                     status.clear();
                 }
                 Err(e) => status = e.to_string(),
             }
         }
-        if let Err(e) = terminal.draw(|f| render(f, latest.as_ref(), view, &feed, &status)) {
+        if let Err(e) = terminal.draw(|f| render(f, history.make_contiguous(), view, &feed, &status)) {
             break Err(Error::io("terminal", e));
         }
         match event::poll(next.saturating_duration_since(Instant::now())) {
             Ok(true) => match event::read() {
                 Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => {
-                    if !view.key(k.code) {
+                    if quits(k) || !view.key(k.code) {
                         break Ok(());
                     }
                 }
@@ -361,13 +590,14 @@ mod tests {
                     events_lost: 0,
                 },
                 self_cost: SelfCost { cpu_s: 0.0, kernel_s: 0.0, rss_bytes: 0 },
+                record: None,
             },
         }
     }
 
     fn draw(width: u16, height: u16, view: View) -> Vec<String> {
         let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
-        terminal.draw(|f| render(f, Some(&snapshot()), view, &Feed::Own, "")).unwrap();
+        terminal.draw(|f| render(f, &[snapshot()], view, &Feed::Own, "")).unwrap();
         let buffer = terminal.backend().buffer().clone();
         (0..height)
             .map(|y| {
@@ -422,6 +652,104 @@ mod tests {
         view.key(KeyCode::Left);
         assert_eq!(view.sort, COLUMNS.len() - 1);
         assert!(!view.key(KeyCode::Char('q')));
+    }
+
+    fn screen(terminal: &Terminal<TestBackend>) -> Vec<String> {
+        let buffer = terminal.backend().buffer();
+        (0..buffer.area.height)
+            .map(|y| {
+                (0..buffer.area.width).map(|x| buffer[(x, y)].symbol()).collect::<String>().trim_end().into()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_selected_workers_detail_help_and_thresholds() {
+        let mut history: Vec<Heartbeat> = (0..70)
+            .map(|i| {
+                let mut hb = snapshot();
+                hb.seq = i;
+                hb.workers[1].cpu_pct = Some(i as f64);
+                hb
+            })
+            .collect();
+        history.drain(..10);
+        let mut view = View::default();
+        view.key(KeyCode::Down);
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        terminal.draw(|f| render(f, &history, view, &Feed::Own, "")).unwrap();
+        let lines = screen(&terminal);
+        // The second row by CPU is embed/9090; its pane is below the table.
+        let title = lines.iter().position(|l| l.starts_with("embed/9090  pid 202")).expect("detail title");
+        assert!(lines[title].contains("last 60 samples"), "{lines:#?}");
+        for (row, label) in ["CPU%", "RUNQ%", "RD MB/s", "WR MB/s", "GPU%", "VRAM"].iter().enumerate() {
+            assert!(lines[title + 1 + row].starts_with(label), "{label}: {lines:#?}");
+        }
+        assert!(lines[title + 1].ends_with("69.0%"), "{lines:#?}");
+        // A rising CPU: the sparkline's bars grow from left to right.
+        let bars: Vec<char> = lines[title + 1].chars().skip(8).take(60).collect();
+        assert!(bars[0] != bars[59] && bars[59] == '█', "{bars:?}");
+        assert!(lines[title + 3].contains("n/a") && lines.iter().all(|l| l.chars().count() <= 80));
+        // RUNQ% 7.5 is not above 10; make it 12.5 and it is drawn in red, in the table and pane.
+        let red = |t: &Terminal<TestBackend>, y: usize| {
+            let b = t.backend().buffer();
+            (0..80).filter(|&x| b[(x, y as u16)].fg == Color::Red).count()
+        };
+        let row = lines.iter().position(|l| l.starts_with("embed/9090 ")).unwrap();
+        assert_eq!(red(&terminal, row), 0);
+        history.last_mut().unwrap().workers[1].runq_wait_pct = Some(12.5);
+        terminal.draw(|f| render(f, &history, view, &Feed::Own, "")).unwrap();
+        assert!(red(&terminal, row) >= 4 && red(&terminal, title + 2) >= 4, "{:#?}", screen(&terminal));
+        // ?: the keys.
+        view.key(KeyCode::Char('?'));
+        terminal.draw(|f| render(f, &history, view, &Feed::Own, "")).unwrap();
+        assert!(screen(&terminal).join("\n").contains("one heartbeat back"));
+    }
+
+    #[test]
+    fn top_at_a_recorded_moment_and_stepping_through_it() {
+        let dir = std::env::temp_dir().join(format!("hm-top-at-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut store = crate::record::Store::open(&dir, Default::default()).unwrap();
+        for i in 0..100u64 {
+            let mut hb = snapshot();
+            hb.seq = i + 1;
+            hb.timestamp = humantime::format_rfc3339_seconds(t0 + Duration::from_secs(i)).to_string();
+            hb.workers[0].cpu_pct = Some(10.0 + i as f64 / 4.0);
+            hb.workers[0].runq_wait_pct = Some(if i == 80 { 33.3 } else { 1.0 });
+            store.append(&serde_json::to_vec(&hb).unwrap(), t0 + Duration::from_secs(i)).unwrap();
+        }
+        drop(store);
+        let at = crate::record::parse_time("2027-01-15T08:01:20Z", SystemTime::now()).unwrap();
+        let offset = at.duration_since(t0).unwrap().as_secs();
+        let mut recorded = Recorded::open(&dir, at).unwrap();
+        let draw = |recorded: &Recorded| {
+            let history = recorded.history().unwrap();
+            let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+            let feed = Feed::Record(dir.display().to_string());
+            terminal.draw(|f| render(f, &history, View::default(), &feed, "")).unwrap();
+            (history.len(), screen(&terminal))
+        };
+        let (n, lines) = draw(&recorded);
+        let expected_seq = offset + 1;
+        let cpu = format!("{:.1}", 10.0 + offset as f64 / 4.0);
+        assert_eq!(n, 60);
+        assert!(lines[0].contains(&format!("#{expected_seq}")) && lines[0].contains("record "), "{lines:#?}");
+        assert!(lines[3].starts_with("llm/8080") && lines[3].contains(&cpu), "{lines:#?}");
+        // The run-queue spike recorded at that very second.
+        assert!(
+            lines[3].contains("33.3") && lines.iter().any(|l| l.starts_with("RUNQ%") && l.ends_with("33.3%"))
+        );
+        assert!(lines.iter().any(|l| l.starts_with("CPU%") && l.ends_with(&format!("{cpu}%"))), "{lines:#?}");
+        recorded.step(-1).unwrap();
+        let (_, back) = draw(&recorded);
+        assert!(back[0].contains(&format!("#{}", expected_seq - 1)), "{back:#?}");
+        recorded.step(1000).unwrap();
+        let (_, end) = draw(&recorded);
+        drop(recorded);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(end[0].contains("#100"), "stepping stops at the newest: {end:#?}");
     }
 
     /// Serves one canned HTTP answer on a loopback port; returns the URL.

@@ -1,4 +1,4 @@
-//! `cargo xtask build | run | test | test-kernels | bench | fuzz`: the developer's entry points. Each first runs
+//! `cargo xtask build | run | demo | test | test-kernels | bench | fuzz`: the developer's entry points. Each first runs
 //! `scripts/setup`, which installs the eBPF toolchain when it is missing and otherwise
 //! returns in a fraction of a second.
 use std::{
@@ -9,6 +9,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod kernels;
 
 #[derive(Parser)]
@@ -27,11 +28,30 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then start three demo workers through `hive-monitor spawn` (a busy llm/8080
+    /// serving a named model, one writing files in bursts, an idle one), the daemon, and
+    /// `top` (as root); all of it is removed on exit and on Ctrl-C.
+    Demo {
+        /// Use this daemon binary instead of building target/release/hive-monitor.
+        #[arg(long)]
+        daemon: Option<PathBuf>,
+        /// No `top`: print the daemon's heartbeats for this many seconds, then clean up.
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long, default_value = "rbee.slice")]
+        slice: String,
+        /// The cgroup2 mount [default: detected].
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Where the daemon's pull API listens, for `top`.
+        #[arg(long, default_value = "127.0.0.1:7836")]
+        listen: String,
+    },
     /// Measure the monitor's cost and accuracy (as root), then fuzz each parser briefly:
     /// prints tables and writes the figures to target/bench/bench.json and fuzz.json.
     Bench {
         /// Only these sections (comma-separated: ebpf_cost, host_cost, kernel_time, daemon,
-        /// cpu_accuracy, io_accuracy); the fuzzers then do not run.
+        /// cpu_accuracy, io_accuracy, record); the fuzzers then do not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -102,6 +122,16 @@ fn xtask(cli: Cli) -> Result<()> {
             let daemon = root.join("target/release/hive-monitor");
             let args = if args.is_empty() { vec!["run".to_string()] } else { args };
             run(Command::new(daemon).args(args))
+        }
+        Cmd::Demo { daemon, seconds, slice, cgroup_root, listen } => {
+            let daemon = match daemon {
+                Some(daemon) => daemon,
+                None => {
+                    build(&root)?;
+                    root.join("target/release/hive-monitor")
+                }
+            };
+            demo::demo(demo::Opts { daemon, seconds, slice, cgroup_root, listen })
         }
         Cmd::Bench { only } => {
             // perf, hackbench, nginx, wrk; without them hm-bench skips those workloads, saying so.

@@ -110,13 +110,14 @@ fn main() {
     args.scratch = std::fs::canonicalize(&args.scratch).expect("scratch directory");
     let started = Instant::now();
     let mut report = json!({});
-    let sections: [(&str, fn(&Args) -> Value); 6] = [
+    let sections: [(&str, fn(&Args) -> Value); 7] = [
         ("ebpf_cost", ebpf_cost),
         ("host_cost", host_cost),
         ("kernel_time", kernel_time),
         ("daemon", daemon_cost),
         ("cpu_accuracy", cpu_accuracy),
         ("io_accuracy", io_accuracy),
+        ("record", record_size),
     ];
     for name in &args.only {
         if !sections.iter().any(|(n, _)| n == name) {
@@ -346,6 +347,55 @@ fn daemon_cost(args: &Args) -> Value {
     }
     let sources: Vec<_> = sources.into_iter().collect();
     println!("   kernel figure from: {}", sources.join(", "));
+    json!(out)
+}
+
+/// Heartbeats recorded per run of the `record` section.
+const RECORD_BEATS: usize = 120;
+/// The budget: bytes on disk per worker per heartbeat at 1 Hz.
+const RECORD_BUDGET: f64 = 200.0;
+
+/// `run --record` at 1 Hz: the record's size on disk (database and log, after the daemon
+/// exits) per worker per heartbeat, beside the JSON it holds.
+fn record_size(args: &Args) -> Value {
+    println!("\n== Record at 1 Hz, {RECORD_BEATS} heartbeats: bytes on disk per worker per heartbeat (budget {RECORD_BUDGET})");
+    println!("   (10 workers with a 5 % duty cycle, the rest asleep)");
+    println!(
+        "{:>8} {:>12} {:>12} {:>14} {:>8}",
+        "workers", "JSON bytes", "disk bytes", "per worker/hb", "budget"
+    );
+    let mut out = Vec::new();
+    for n in [10, 100] {
+        let cg = TestCgroup::new(&format!("bench_record_{n}"));
+        let _loads: Vec<Workload> = (0..n)
+            .map(|i| {
+                let dir = cg.mkdir(&format!("rbee.slice/g{}/w{i}", i % 10));
+                let load: &[&str] = if i < 10 { &["duty", "5", "100", "600"] } else { &["sleep", "600"] };
+                Workload::start(&args.load, &dir, load)
+            })
+            .collect();
+        let dir = args.scratch.join(format!("record-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = cg.root.to_string_lossy().into_owned();
+        let output = Command::new(&args.daemon)
+            .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "1s"])
+            .args(["--count", &RECORD_BEATS.to_string(), "--listen", "127.0.0.1:0", "--record"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .output()
+            .expect("run the daemon");
+        assert!(output.status.success(), "the daemon failed with {n} workers");
+        let json_bytes = output.stdout.len();
+        let disk = monitor_user::record::disk_bytes(&dir.join(monitor_user::record::FILE));
+        let per = disk as f64 / (n * RECORD_BEATS) as f64;
+        let verdict = if per <= RECORD_BUDGET { "ok" } else { "OVER" };
+        println!("{n:>8} {json_bytes:>12} {disk:>12} {per:>14.1} {verdict:>8}");
+        out.push(
+            json!({ "workers": n, "heartbeats": RECORD_BEATS, "json_bytes": json_bytes, "disk_bytes": disk,
+                         "bytes_per_worker_per_heartbeat": per, "budget": RECORD_BUDGET }),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     json!(out)
 }
 
