@@ -30,8 +30,28 @@ fn demo(cg: &TestCgroup, seconds: u64) -> Command {
     cmd
 }
 
-fn gone(cg: &TestCgroup) -> Vec<String> {
-    WORKERS.iter().filter(|w| cg.dir.join("rbee.slice").join(w).exists()).map(|w| w.to_string()).collect()
+/// On a hybrid host the demo's workers also get v1 memory and cpu cgroups, at the same path
+/// below each hierarchy's root: the test tree is made in all three, beneath this process's
+/// own cgroups.
+fn test_tree() -> (TestCgroup, Vec<PathBuf>) {
+    match TestCgroup::with_v1("demo", &["memory", "cpu"]) {
+        Some(cg) => {
+            let v1 =
+                ["memory", "cpu"].iter().map(|c| Path::new("/sys/fs/cgroup").join(c).join(&cg.rel)).collect();
+            (cg, v1)
+        }
+        None => (TestCgroup::new("demo"), Vec::new()),
+    }
+}
+
+/// The demo's worker cgroups still there, in any hierarchy.
+fn gone(cg: &TestCgroup, v1: &[PathBuf]) -> Vec<String> {
+    std::iter::once(&cg.dir)
+        .chain(v1)
+        .flat_map(|tree| WORKERS.iter().map(move |w| tree.join("rbee.slice").join(w)))
+        .filter(|d| d.exists())
+        .map(|d| d.display().to_string())
+        .collect()
 }
 
 #[test]
@@ -39,7 +59,7 @@ fn the_demo_shows_its_workers_and_leaves_no_cgroup_on_ctrl_c_or_exit() {
     if !bpf_available("demo") {
         return;
     }
-    let cg = TestCgroup::new("demo");
+    let (cg, v1) = test_tree();
     let mut child = demo(&cg, 600).spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     // Heartbeats until every demo worker is in one with the figures it is there to show.
@@ -70,7 +90,7 @@ fn the_demo_shows_its_workers_and_leaves_no_cgroup_on_ctrl_c_or_exit() {
     // SAFETY: a process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
-    let left = gone(&cg);
+    let left = gone(&cg, &v1);
     let (llm, _, idle) =
         seen.expect("a heartbeat with the busy llm/8080 and its model, and the I/O worker writing");
     assert!(idle["cpu_pct"].as_f64().is_some_and(|v| v < llm["cpu_pct"].as_f64().unwrap()), "{idle}");
@@ -81,6 +101,6 @@ fn the_demo_shows_its_workers_and_leaves_no_cgroup_on_ctrl_c_or_exit() {
     let out = demo(&cg, 3).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"instance\":\"burst\""));
-    let left = gone(&cg);
+    let left = gone(&cg, &v1);
     assert!(left.is_empty(), "cgroups left after the demo ended: {left:?}");
 }
