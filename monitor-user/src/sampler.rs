@@ -16,7 +16,7 @@ use crate::{
         WorkerReading,
     },
     sources::{
-        cgroup::{self, Slice, WorkerCgroup},
+        cgroup::{self, Slice, WorkerCgroup, WorkerList},
         memory::{MemoryReading, MemorySource},
         model::ModelNames,
         nvml::{DeviceReading, GpuReading, Gpus},
@@ -28,7 +28,7 @@ use crate::{
 /// One worker in one sample.
 #[derive(Clone, Debug)]
 pub struct WorkerSample {
-    pub cgroup: WorkerCgroup,
+    pub cgroup: std::sync::Arc<WorkerCgroup>,
     /// Main process: the oldest process in the worker's cgroups; `None` if it has none.
     pub pid: Option<u32>,
     /// Seconds the main process has been running.
@@ -248,6 +248,7 @@ pub struct Sampler {
     /// The daemon's CPU time at the last sample, ns.
     last_cpu_ns: u64,
     slice: Slice,
+    worker_list: WorkerList,
     filter: SliceFilter,
     prev: KernelReading,
     mains: HashMap<u64, MainProcess>,
@@ -315,12 +316,13 @@ impl Sampler {
             log::warn!("slice {} does not exist yet; watching for it", slice.dir().display());
         }
         let sources = FigureSources::new(&availability);
+        let mut worker_list = WorkerList::default();
         let mut prev = match &mut probes {
             Some(p) => p.read()?,
             None => KernelReading::default(),
         };
         if sources.cpu == Source::Cgroup {
-            cpu_from_cgroup(&mut prev, &slice.workers()?);
+            cpu_from_cgroup(&mut prev, &worker_list.current(&slice)?);
         }
         let gpus = Gpus::open(options.nvml_lib.as_deref());
         let gpu_source = match (&gpus, crate::sources::nvml::driver_loaded()) {
@@ -335,6 +337,7 @@ impl Sampler {
             programs,
             last_cpu_ns: procfs::self_cpu_ns().unwrap_or(0),
             slice,
+            worker_list,
             filter,
             prev,
             mains: HashMap::new(),
@@ -381,7 +384,7 @@ impl Sampler {
             }
             self.filter = filter;
         }
-        let cgroups = self.slice.workers()?;
+        let cgroups = self.worker_list.current(&self.slice)?;
         let wall = SystemTime::now();
         let mut reading = match &mut self.probes {
             Some(p) => p.read()?,
@@ -612,7 +615,7 @@ impl Sampler {
 
 /// Without the probes' CPU figure: each worker's CPU time from its cgroup's `cpu.stat`,
 /// which the kernel charges as it charges tasks (running tasks' uncharged time excepted).
-fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[WorkerCgroup]) {
+fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[std::sync::Arc<WorkerCgroup>]) {
     if reading.at_ns == 0 {
         reading.at_ns = crate::probes::monotonic_ns();
     }

@@ -2,6 +2,7 @@
 use std::{
     os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use monitor_common::SliceFilter;
@@ -105,16 +106,162 @@ impl Slice {
     /// The workers now in the slice. A missing slice has none; names that fail
     /// `valid_name` are skipped with a warning.
     pub fn workers(&self) -> Result<Vec<WorkerCgroup>> {
-        let dir = self.dir();
         let mut out = Vec::new();
-        for (group, group_dir, _) in subdirs(&dir)? {
-            for (instance, instance_dir, id) in subdirs(&group_dir)? {
-                let path = format!("/{}/{group}/{instance}", self.rel.display());
-                out.push(WorkerCgroup { id, group: group.clone(), instance, dir: instance_dir, path });
+        for (group, group_dir, _) in subdirs(&self.dir())? {
+            out.extend(self.group_workers(&group, &group_dir)?);
+        }
+        Ok(out)
+    }
+
+    /// The workers of one group, sorted by instance.
+    fn group_workers(&self, group: &str, group_dir: &Path) -> Result<Vec<WorkerCgroup>> {
+        let mut out: Vec<WorkerCgroup> = subdirs(group_dir)?
+            .into_iter()
+            .map(|(instance, dir, id)| WorkerCgroup {
+                id,
+                path: format!("/{}/{group}/{instance}", self.rel.display()),
+                group: group.to_string(),
+                instance,
+                dir,
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.instance.cmp(&b.instance));
+        Ok(out)
+    }
+}
+
+/// The slice's workers, listed again only where the tree changed. Creating, removing or
+/// renaming a cgroup directory goes through the VFS, which tells inotify; so the slice and
+/// each group directory are watched, and a directory is listed only after an event in it
+/// (or a lost event: then all of them). Listing a thousand workers every sample cost more
+/// than a tenth of the daemon's time. Without inotify the slice is listed every sample.
+pub struct WorkerList {
+    inotify: Option<inotify::Inotify>,
+    slice_watch: Option<inotify::WatchDescriptor>,
+    /// Each group's directory watch, and its workers as last listed.
+    groups: std::collections::BTreeMap<String, (inotify::WatchDescriptor, Vec<Arc<WorkerCgroup>>)>,
+    /// The group directories must be listed again: all of them, or those named.
+    stale_all: bool,
+    stale: std::collections::HashSet<String>,
+}
+
+const WATCHED: inotify::WatchMask = inotify::WatchMask::CREATE
+    .union(inotify::WatchMask::DELETE)
+    .union(inotify::WatchMask::MOVED_FROM)
+    .union(inotify::WatchMask::MOVED_TO)
+    .union(inotify::WatchMask::DELETE_SELF)
+    .union(inotify::WatchMask::MOVE_SELF)
+    .union(inotify::WatchMask::ONLYDIR);
+
+impl Default for WorkerList {
+    fn default() -> Self {
+        let inotify = inotify::Inotify::init()
+            .map_err(|e| log::info!("no inotify ({e}): the slice is listed every sample"))
+            .ok();
+        Self {
+            inotify,
+            slice_watch: None,
+            groups: Default::default(),
+            stale_all: true,
+            stale: Default::default(),
+        }
+    }
+}
+
+impl WorkerList {
+    /// The workers now in `slice`, sorted by group and instance.
+    pub fn current(&mut self, slice: &Slice) -> Result<Vec<Arc<WorkerCgroup>>> {
+        if self.inotify.is_none() {
+            return Ok(slice.workers()?.into_iter().map(Arc::new).collect());
+        }
+        self.take_events();
+        if self.slice_watch.is_none() {
+            self.stale_all = true;
+        }
+        if self.stale_all {
+            self.relist_slice(slice)?;
+        }
+        for group in std::mem::take(&mut self.stale) {
+            if let Some((_, workers)) = self.groups.get_mut(&group) {
+                *workers = slice
+                    .group_workers(&group, &slice.dir().join(&group))?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
             }
         }
-        out.sort_unstable_by(|a, b| (&a.group, &a.instance).cmp(&(&b.group, &b.instance)));
-        Ok(out)
+        Ok(self.groups.values().flat_map(|(_, w)| w.iter().cloned()).collect())
+    }
+
+    /// Reads the queued events and marks what they touched stale.
+    fn take_events(&mut self) {
+        let Some(inotify) = &mut self.inotify else { return };
+        let mut buffer = [0u8; 4096];
+        loop {
+            let events = match inotify.read_events(&mut buffer) {
+                Ok(events) => events,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("reading inotify events: {e}; listing the slice again");
+                    self.stale_all = true;
+                    return;
+                }
+            };
+            for event in events {
+                if event.mask.contains(inotify::EventMask::Q_OVERFLOW)
+                    || Some(&event.wd) == self.slice_watch.as_ref()
+                {
+                    // The slice's own directory changed (a group came or went, or the
+                    // slice itself), or events were lost.
+                    self.stale_all = true;
+                    if event.mask.intersects(
+                        inotify::EventMask::IGNORED
+                            | inotify::EventMask::DELETE_SELF
+                            | inotify::EventMask::MOVE_SELF,
+                    ) {
+                        self.slice_watch = None;
+                    }
+                } else if let Some((group, _)) = self.groups.iter().find(|(_, (wd, _))| *wd == event.wd) {
+                    if event.mask.intersects(
+                        inotify::EventMask::IGNORED
+                            | inotify::EventMask::DELETE_SELF
+                            | inotify::EventMask::MOVE_SELF,
+                    ) {
+                        self.stale_all = true;
+                    } else {
+                        self.stale.insert(group.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lists the slice's groups, watching each before it is listed so that no change after
+    /// its listing goes unseen.
+    fn relist_slice(&mut self, slice: &Slice) -> Result<()> {
+        let Some(inotify) = &mut self.inotify else { return Ok(()) };
+        let dir = slice.dir();
+        self.slice_watch = match inotify.watches().add(&dir, WATCHED) {
+            Ok(wd) => Some(wd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        let mut groups = std::collections::BTreeMap::new();
+        for (group, group_dir, _) in subdirs(&dir)? {
+            let wd = match inotify.watches().add(&group_dir, WATCHED) {
+                Ok(wd) => wd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // just removed
+                Err(e) => return Err(Error::io(&group_dir, e)),
+            };
+            let workers = slice.group_workers(&group, &group_dir)?.into_iter().map(Arc::new).collect();
+            groups.insert(group, (wd, workers));
+        }
+        // Watches of groups that are gone went with their directories; adding a watch to a
+        // directory already watched returns the same descriptor.
+        self.groups = groups;
+        self.stale_all = false;
+        self.stale.clear();
+        Ok(())
     }
 }
 
