@@ -1084,7 +1084,9 @@ fn host_cost(args: &Args) -> Value {
         }));
     }
     println!("   units: pipe ping-pong {}, hackbench runs/s (1 / its time), nginx requests/s", pipe.unit());
-    println!("   noise: half the interquartile range of the runs without the monitor, relative to their median");
+    println!(
+        "   noise: half the interquartile range of the runs without the monitor, relative to their median"
+    );
     json!({ "rounds": HOST_ROUNDS, "pipe_cpu": cpu, "notes": notes, "rows": rows })
 }
 
