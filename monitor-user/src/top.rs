@@ -139,7 +139,7 @@ pub fn render(frame: &mut Frame, heartbeat: Option<&Heartbeat>, view: View, feed
         return;
     }
     let [header, table, footer] =
-        Layout::vertical([Constraint::Length(2), Constraint::Min(1), Constraint::Length(1)]).areas(area);
+        Layout::vertical([Constraint::Length(3), Constraint::Min(1), Constraint::Length(1)]).areas(area);
     let source = match feed {
         Feed::Daemon(url) => format!("daemon {url}"),
         Feed::Own => "own probes".into(),
@@ -161,12 +161,30 @@ pub fn render(frame: &mut Frame, heartbeat: Option<&Heartbeat>, view: View, feed
         hb.workers.len(),
     );
     let title = format!("{} {}  #{}  {}", h.id, hb.timestamp, hb.seq, source);
-    frame.render_widget(Paragraph::new(vec![Line::from(title), Line::from(host)]), header);
+    let lines = vec![Line::from(title), Line::from(host), Line::from(stalls(&hb.workers))];
+    frame.render_widget(Paragraph::new(lines), header);
     frame.render_widget(worker_table(&hb.workers, view, table), table);
     let order = if view.descending { "▼" } else { "▲" };
     let help =
         format!("sort: {} {order}   q quit  ←/→ or 1-0 sort column  r reverse", COLUMNS[view.sort].title);
     frame.render_widget(Paragraph::new(if status.is_empty() { help.as_str() } else { status }), footer);
+}
+
+/// The workers whose tasks stalled most (pressure `some`, the highest of CPU, memory and
+/// I/O), each with its three shares; the line is cut at the terminal's edge.
+fn stalls(workers: &[Worker]) -> String {
+    let shares = |w: &Worker| {
+        let p = &w.pressure;
+        [&p.cpu, &p.memory, &p.io].map(|r| r.as_ref().and_then(|r| r.some_pct))
+    };
+    let mut ranked: Vec<(&Worker, [Option<f64>; 3])> = workers.iter().map(|w| (w, shares(w))).collect();
+    let worst = |s: &[Option<f64>; 3]| s.iter().flatten().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    ranked.sort_by(|a, b| worst(&b.1).partial_cmp(&worst(&a.1)).unwrap_or(Ordering::Equal));
+    let mut line = String::from("stall% cpu/mem/io");
+    for (w, [c, m, i]) in ranked {
+        line += &format!("  {}/{} {}/{}/{}", w.group, w.instance, fmt(c, 0), fmt(m, 0), fmt(i, 0));
+    }
+    line
 }
 
 fn worker_table(workers: &[Worker], view: View, area: Rect) -> Table<'static> {
@@ -274,7 +292,7 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::heartbeat::{Collector, Hive, ProbeHealth, SelfCost, Source};
+    use crate::heartbeat::{Collector, Hive, PressureStall, ProbeHealth, SelfCost, Source, WorkerPressure};
 
     fn worker(group: &str, instance: &str, pid: u32, cpu: Option<f64>, runq: f64) -> Worker {
         Worker {
@@ -309,7 +327,16 @@ mod tests {
             processes_exited_total: None,
             memory: None,
             gpus: None,
+            pressure: WorkerPressure {
+                cpu: Some(stall(Some(runq * 2.0))),
+                memory: Some(stall(None)),
+                io: None,
+            },
         }
+    }
+
+    fn stall(some_pct: Option<f64>) -> PressureStall {
+        PressureStall { some_ns_total: Some(0), full_ns_total: None, some_pct, full_pct: None }
     }
 
     fn snapshot() -> Heartbeat {
@@ -388,9 +415,13 @@ mod tests {
         for title in
             ["WORKER", "PID", "CPU%", "MEM MB", "RD MB/s", "WR MB/s", "GPU%", "VRAM MB", "RUNQ%", "MODEL"]
         {
-            assert!(lines[2].contains(title), "{title} missing at 80 columns: {lines:#?}");
+            assert!(lines[3].contains(title), "{title} missing at 80 columns: {lines:#?}");
         }
-        let rows = &lines[3..6];
+        assert!(
+            lines[2].starts_with("stall% cpu/mem/io  embed/9090 15/n/a/n/a  llm/8080 0/n/a/n/a"),
+            "most stalled first, absent figures n/a: {lines:#?}"
+        );
+        let rows = &lines[4..7];
         assert!(
             rows[0].starts_with("llm/8080") && rows[0].contains("101") && rows[0].contains("99.5"),
             "{rows:#?}"
@@ -414,10 +445,10 @@ mod tests {
         assert_eq!(view.sort, 0);
         let lines = draw(80, 24, view);
         assert!(lines[23].starts_with("sort: WORKER ▼"), "{lines:#?}");
-        assert!(lines[3].starts_with("llm/8081") && lines[5].starts_with("embed/9090"), "{lines:#?}");
+        assert!(lines[4].starts_with("llm/8081") && lines[6].starts_with("embed/9090"), "{lines:#?}");
         view.key(KeyCode::Char('r'));
         let lines = draw(80, 24, view);
-        assert!(lines[23].starts_with("sort: WORKER ▲") && lines[3].starts_with("embed/9090"), "{lines:#?}");
+        assert!(lines[23].starts_with("sort: WORKER ▲") && lines[4].starts_with("embed/9090"), "{lines:#?}");
         view.key(KeyCode::Left);
         assert_eq!(view.sort, COLUMNS.len() - 1);
         assert!(!view.key(KeyCode::Char('q')));
@@ -458,8 +489,8 @@ mod tests {
     #[test]
     fn a_narrow_terminal_drops_columns_and_a_tiny_one_says_so() {
         let lines = draw(40, 10, View::default());
-        assert!(lines[2].starts_with("WORKER") && lines[2].contains("CPU%"), "{lines:#?}");
-        assert!(!lines[2].contains("RUNQ%") && lines.iter().all(|l| l.chars().count() <= 40), "{lines:#?}");
+        assert!(lines[3].starts_with("WORKER") && lines[3].contains("CPU%"), "{lines:#?}");
+        assert!(!lines[3].contains("RUNQ%") && lines.iter().all(|l| l.chars().count() <= 40), "{lines:#?}");
         let tiny = draw(20, 4, View::default());
         assert!(tiny.join(" ").contains("terminal too small"), "{tiny:#?}");
     }
