@@ -1,4 +1,5 @@
 //! Where heartbeats go.
 pub mod api;
 pub mod coordinator;
+pub mod metrics;
 pub mod stdout;
