@@ -94,17 +94,7 @@ fn promtool_finds_nothing_to_say_about_the_metrics() {
     let _daemon = daemon(&cg, port, "300ms");
     let text = scrape(port, 2);
 
-    let mut check = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = check.wait_with_output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && said.is_empty(), "promtool check metrics: {said}\non:\n{text}");
+    promtool_says_nothing(&promtool, &text);
 
     let scrape =
         prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("text format");
@@ -180,6 +170,74 @@ fn promtool_finds_nothing_to_say_about_the_metrics() {
     assert!(!text.contains("gigabytes"), "not in base units:\n{text}");
     // No NVML here: the GPU figures are null, so there are no GPU series (not zeros).
     assert!(!names.iter().any(|n| n.contains("gpu")), "GPU series without a GPU source:\n{text}");
+}
+
+/// `promtool check metrics` on `text` exits 0 and prints nothing.
+fn promtool_says_nothing(promtool: &Path, text: &str) {
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.is_empty(), "promtool check metrics: {said}\non:\n{text}");
+}
+
+/// With GPUs (the scripted NVML library): the device and per-worker GPU series are there,
+/// in bytes and ratios of what the driver reported, and promtool has nothing to say.
+#[test]
+fn gpu_series_in_base_units() {
+    const GIB: u64 = 1 << 30;
+    let Some(promtool) = tool("promtool_gpu_metrics", "promtool") else { return };
+    if !bpf_available("promtool_gpu_metrics") {
+        return;
+    }
+    let cg = TestCgroup::new("promgpu");
+    let dir = cg.mkdir("rbee.slice/llm/8080");
+    let load = Workload::start(HM_LOAD, &dir, &["sleep", "60"]);
+    let scenario = TempDir::new("promgpu");
+    let file = scenario.0.join("scenario.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({ "devices": [{
+            "name": "Stub GPU 0", "uuid": "GPU-0", "memory_total": 80 * GIB, "memory_used": 10 * GIB,
+            "utilization_gpu": 90, "utilization_memory": 5, "temperature": 61,
+            "compute": [{ "pid": load.pid(), "used_memory": 3 * GIB }], "graphics": [], "samples": [] }] })
+        .to_string(),
+    )
+    .unwrap();
+    let port = free_port();
+    let root = cg.root.to_string_lossy().into_owned();
+    let _daemon = Running(
+        Command::new(DAEMON)
+            .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "300ms"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--nvml-lib", nvml_stub().to_str().unwrap()])
+            .env("NVML_STUB_SCENARIO", &file)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the daemon"),
+    );
+    let text = scrape(port, 1);
+    promtool_says_nothing(&promtool, &text);
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("text format");
+    let get = |name: &str| {
+        let s = scrape.samples.iter().find(|s| s.metric == name).unwrap_or_else(|| panic!("{name}:\n{text}"));
+        match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref v => panic!("{name}: {v:?}"),
+        }
+    };
+    assert_eq!(get("hive_gpu_memory_total_bytes"), (80 * GIB) as f64);
+    assert_eq!(get("hive_gpu_memory_used_bytes"), (10 * GIB) as f64);
+    assert_eq!(get("hive_gpu_utilization_ratio"), 0.9);
+    assert_eq!(get("hive_gpu_temperature_celsius"), 61.0);
+    assert_eq!(get("hive_worker_gpu_memory_bytes"), (3 * GIB) as f64);
+    assert_eq!(get("hive_worker_gpu_device_memory_bytes"), (3 * GIB) as f64);
 }
 
 fn scrape_text(port: u16) -> String {
