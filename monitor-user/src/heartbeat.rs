@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 pub use crate::sampler::Source;
 use crate::{
-    sampler::{FigureSources, Prewarm, Sample, WorkerSample},
+    sampler::{FigureSources, Prewarm, Sample, StallFigures, WorkerSample},
     sources::memory::{MemoryReading, Origin},
     sources::nvml::DeviceReading,
 };
@@ -171,6 +171,43 @@ pub struct Worker {
     pub memory: Option<WorkerMemory>,
     /// Per device the worker is on; `null` when GPU figures are unavailable.
     pub gpus: Option<Vec<WorkerGpuDevice>>,
+    /// Pressure stall information of the worker's v2 cgroup (`cpu.pressure`,
+    /// `memory.pressure`, `io.pressure`). Absent from heartbeats of daemons before it.
+    #[serde(default)]
+    pub pressure: WorkerPressure,
+}
+
+/// Per resource; `null` where the kernel has no such file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+pub struct WorkerPressure {
+    pub cpu: Option<PressureStall>,
+    pub memory: Option<PressureStall>,
+    pub io: Option<PressureStall>,
+}
+
+/// Time the worker's tasks were stalled on one resource: `some` while at least one was,
+/// `full` while every non-idle one was at once. `full` is `null` where the kernel prints no
+/// such line (CPU before 5.13).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct PressureStall {
+    /// Cumulative stalled time, ns (the file's `total`, µs × 1000).
+    pub some_ns_total: Option<u64>,
+    pub full_ns_total: Option<u64>,
+    /// Percent of the interval stalled (0 to 100), from the growth of `total`; `null` for
+    /// a worker's first heartbeat.
+    pub some_pct: Option<f64>,
+    pub full_pct: Option<f64>,
+}
+
+impl From<&StallFigures> for PressureStall {
+    fn from(s: &StallFigures) -> Self {
+        PressureStall {
+            some_ns_total: s.some_ns,
+            full_ns_total: s.full_ns,
+            some_pct: s.some_pct.map(|v| round(v, 2)),
+            full_pct: s.full_pct.map(|v| round(v, 2)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
@@ -419,6 +456,10 @@ impl Worker {
                     })
                     .collect()
             }),
+            pressure: {
+                let [cpu, memory, io] = w.pressure.map(|p| p.as_ref().map(PressureStall::from));
+                WorkerPressure { cpu, memory, io }
+            },
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::{
         memory::{MemoryReading, MemorySource},
         model::ModelNames,
         nvml::{DeviceReading, GpuReading, Gpus},
+        pressure::{self, WorkerPressure},
         procfs::{self, HostCpu, ProcessIo},
         KeptFiles,
     },
@@ -61,6 +62,20 @@ pub struct WorkerSample {
     pub model: Option<String>,
     /// `None` when GPU figures are unavailable (no NVML).
     pub gpu: Option<WorkerGpu>,
+    /// Pressure stalls of the worker's v2 cgroup, per resource in `pressure::RESOURCES`
+    /// order; `None` where its file is absent or unreadable.
+    pub pressure: [Option<StallFigures>; 3],
+}
+
+/// One resource's pressure stalls: cumulative, and the share of the interval stalled.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StallFigures {
+    pub some_ns: Option<u64>,
+    pub full_ns: Option<u64>,
+    /// Percent of the interval at least one task was stalled (0..100).
+    pub some_pct: Option<f64>,
+    /// Percent of the interval every non-idle task was stalled at once (0..100).
+    pub full_pct: Option<f64>,
 }
 
 /// A worker's GPU use, over its processes and devices.
@@ -256,6 +271,10 @@ pub struct Sampler {
     memory: MemorySource,
     /// Each worker's `cgroup.procs`, kept open.
     procs_files: KeptFiles,
+    /// Each worker's `*.pressure` files, kept open.
+    pressure_files: KeptFiles,
+    /// Worker → CLOCK_MONOTONIC ns of its last pressure reading, and that reading.
+    prev_pressure: HashMap<u64, (u64, WorkerPressure)>,
     /// Without the probes: I/O from `/proc/<pid>/io`.
     fallback_io: FallbackIo,
     host_cpu: Option<HostCpu>,
@@ -344,6 +363,8 @@ impl Sampler {
             models: ModelNames::new(),
             memory: MemorySource::new(v1_memory_mount()),
             procs_files: KeptFiles::default(),
+            pressure_files: KeptFiles::default(),
+            prev_pressure: HashMap::new(),
             fallback_io: FallbackIo::default(),
             host_cpu: procfs::host_cpu().ok(),
             gpus,
@@ -407,6 +428,7 @@ impl Sampler {
         let mut workers = Vec::with_capacity(cgroups.len());
         self.memory.begin_sample();
         self.procs_files.sweep();
+        self.pressure_files.sweep();
         for cg in cgroups {
             // The iterator found every worker's processes; without it, the cgroup files say.
             let procs = match reading.processes.as_ref() {
@@ -428,6 +450,7 @@ impl Sampler {
                 }
             };
             let model = main.and_then(|m| self.models.get((m.pid, m.start_ticks)));
+            let pressure = self.pressure(cg.id, &cg.dir);
             let worker_gpu = gpu.as_ref().map(|g| worker_gpu(g, &procs));
             // A worker without a previous reading had no events before: it starts from zero
             // at the previous pass.
@@ -494,6 +517,7 @@ impl Sampler {
                 memory,
                 model,
                 gpu: worker_gpu,
+                pressure,
                 counters,
                 cgroup: cg,
             });
@@ -505,6 +529,7 @@ impl Sampler {
         }
         self.forget_removed(&seen, &current);
         self.mains.retain(|id, _| seen.contains(id));
+        self.prev_pressure.retain(|id, _| seen.contains(id));
         let live: HashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
         self.models.retain(|k| live.contains(k));
         let live_pids: HashSet<u32> = live.iter().map(|m| m.0).collect();
@@ -593,6 +618,28 @@ impl Sampler {
             ram_available: memory.map(|m| m.1),
             model_dir_disk,
         }
+    }
+
+    /// A worker's pressure stalls now, with their share of the time since its last reading.
+    fn pressure(&mut self, worker: u64, dir: &std::path::Path) -> [Option<StallFigures>; 3] {
+        let now = pressure::read(&mut self.pressure_files, dir);
+        let at_ns = crate::probes::monotonic_ns();
+        let prev = self.prev_pressure.insert(worker, (at_ns, now));
+        std::array::from_fn(|i| {
+            let cur = now[i]?;
+            let (prev_at, prev) = prev.and_then(|(t, p)| Some((t, p[i]?))).unzip();
+            let interval = prev_at.map_or(0, |t| at_ns.saturating_sub(t));
+            // The kernel timestamps its totals when the file is read, a few µs before
+            // `at_ns`: a stall of the whole interval may come out a hair over 100.
+            let pct =
+                |prev: Option<u64>, cur: Option<u64>| rate_pct(prev?, cur?, interval).map(|p| p.min(100.0));
+            Some(StallFigures {
+                some_ns: cur.some_ns,
+                full_ns: cur.full_ns,
+                some_pct: pct(prev.and_then(|p| p.some_ns), cur.some_ns),
+                full_pct: pct(prev.and_then(|p| p.full_ns), cur.full_ns),
+            })
+        })
     }
 
     /// The oldest of `procs`, cached while it stays in the worker.

@@ -35,6 +35,8 @@ pub const RUNQ_ALERT_PCT: f64 = 10.0;
 const DETAIL_ROWS: u16 = 1 + SERIES.len() as u16;
 /// The detail pane is drawn when the table keeps at least this many rows beside it.
 const MIN_TABLE_ROWS: u16 = 4;
+/// Title, host vitals, and the most stalled workers.
+const HEADER_ROWS: u16 = 3;
 
 /// Smallest terminal the view draws into; below it, it says so instead.
 pub const MIN_WIDTH: u16 = 30;
@@ -110,13 +112,16 @@ struct Series {
     unit: &'static str,
 }
 
-const SERIES: [Series; 6] = [
+const SERIES: [Series; 9] = [
     Series { label: "CPU%", value: |w| w.cpu_pct, unit: "%" },
     Series { label: "RUNQ%", value: |w| w.runq_wait_pct, unit: "%" },
     Series { label: "RD MB/s", value: |w| w.io_r_mb_s, unit: " MB/s" },
     Series { label: "WR MB/s", value: |w| w.io_w_mb_s, unit: " MB/s" },
     Series { label: "GPU%", value: |w| w.gpu_util_pct, unit: "%" },
     Series { label: "VRAM", value: |w| w.vram_mb.map(|v| v as f64), unit: " MB" },
+    Series { label: "PSI cpu", value: |w| w.pressure.cpu.as_ref().and_then(|p| p.some_pct), unit: "%" },
+    Series { label: "PSI mem", value: |w| w.pressure.memory.as_ref().and_then(|p| p.some_pct), unit: "%" },
+    Series { label: "PSI io", value: |w| w.pressure.io.as_ref().and_then(|p| p.some_pct), unit: "%" },
 ];
 
 /// What the user chose: the sort column and direction, the selected row, the help.
@@ -189,12 +194,12 @@ pub fn render(frame: &mut Frame, history: &[Heartbeat], view: View, feed: &Feed,
         frame.render_widget(Paragraph::new(msg), area);
         return;
     }
-    let detail_rows = match area.height >= 3 + DETAIL_ROWS + MIN_TABLE_ROWS {
+    let detail_rows = match area.height >= HEADER_ROWS + 1 + DETAIL_ROWS + MIN_TABLE_ROWS {
         true => DETAIL_ROWS,
         false => 0,
     };
     let [header, table, detail, footer] = Layout::vertical([
-        Constraint::Length(2),
+        Constraint::Length(HEADER_ROWS),
         Constraint::Min(1),
         Constraint::Length(detail_rows),
         Constraint::Length(1),
@@ -222,7 +227,8 @@ pub fn render(frame: &mut Frame, history: &[Heartbeat], view: View, feed: &Feed,
         hb.workers.len(),
     );
     let title = format!("{} {}  #{}  {}", h.id, hb.timestamp, hb.seq, source);
-    frame.render_widget(Paragraph::new(vec![Line::from(title), Line::from(host)]), header);
+    let lines = vec![Line::from(title), Line::from(host), Line::from(stalls(&hb.workers))];
+    frame.render_widget(Paragraph::new(lines), header);
     let rows = sorted(&hb.workers, view);
     let selected = view.selected.min(rows.len().saturating_sub(1));
     frame.render_widget(worker_table(&rows, view, selected, table), table);
@@ -251,6 +257,23 @@ pub fn render(frame: &mut Frame, history: &[Heartbeat], view: View, feed: &Feed,
             popup,
         );
     }
+}
+
+/// The workers whose tasks stalled most (pressure `some`, the highest of CPU, memory and
+/// I/O), each with its three shares; the line is cut at the terminal's edge.
+fn stalls(workers: &[Worker]) -> String {
+    let shares = |w: &Worker| {
+        let p = &w.pressure;
+        [&p.cpu, &p.memory, &p.io].map(|r| r.as_ref().and_then(|r| r.some_pct))
+    };
+    let mut ranked: Vec<(&Worker, [Option<f64>; 3])> = workers.iter().map(|w| (w, shares(w))).collect();
+    let worst = |s: &[Option<f64>; 3]| s.iter().flatten().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    ranked.sort_by(|a, b| worst(&b.1).partial_cmp(&worst(&a.1)).unwrap_or(Ordering::Equal));
+    let mut line = String::from("stall% cpu/mem/io");
+    for (w, [c, m, i]) in ranked {
+        line += &format!("  {}/{} {}/{}/{}", w.group, w.instance, fmt(c, 0), fmt(m, 0), fmt(i, 0));
+    }
+    line
 }
 
 /// The selected worker's figures over the heartbeats in `history` (one sparkline each, the
@@ -503,7 +526,7 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::heartbeat::{Collector, Hive, ProbeHealth, SelfCost, Source};
+    use crate::heartbeat::{Collector, Hive, PressureStall, ProbeHealth, SelfCost, Source, WorkerPressure};
 
     fn worker(group: &str, instance: &str, pid: u32, cpu: Option<f64>, runq: f64) -> Worker {
         Worker {
@@ -538,7 +561,16 @@ mod tests {
             processes_exited_total: None,
             memory: None,
             gpus: None,
+            pressure: WorkerPressure {
+                cpu: Some(stall(Some(runq * 2.0))),
+                memory: Some(stall(None)),
+                io: None,
+            },
         }
+    }
+
+    fn stall(some_pct: Option<f64>) -> PressureStall {
+        PressureStall { some_ns_total: Some(0), full_ns_total: None, some_pct, full_pct: None }
     }
 
     fn snapshot() -> Heartbeat {
@@ -619,9 +651,13 @@ mod tests {
         for title in
             ["WORKER", "PID", "CPU%", "MEM MB", "RD MB/s", "WR MB/s", "GPU%", "VRAM MB", "RUNQ%", "MODEL"]
         {
-            assert!(lines[2].contains(title), "{title} missing at 80 columns: {lines:#?}");
+            assert!(lines[3].contains(title), "{title} missing at 80 columns: {lines:#?}");
         }
-        let rows = &lines[3..6];
+        assert!(
+            lines[2].starts_with("stall% cpu/mem/io  embed/9090 15/n/a/n/a  llm/8080 0/n/a/n/a"),
+            "most stalled first, absent figures n/a: {lines:#?}"
+        );
+        let rows = &lines[4..7];
         assert!(
             rows[0].starts_with("llm/8080") && rows[0].contains("101") && rows[0].contains("99.5"),
             "{rows:#?}"
@@ -645,10 +681,10 @@ mod tests {
         assert_eq!(view.sort, 0);
         let lines = draw(80, 24, view);
         assert!(lines[23].starts_with("sort: WORKER ▼"), "{lines:#?}");
-        assert!(lines[3].starts_with("llm/8081") && lines[5].starts_with("embed/9090"), "{lines:#?}");
+        assert!(lines[4].starts_with("llm/8081") && lines[6].starts_with("embed/9090"), "{lines:#?}");
         view.key(KeyCode::Char('r'));
         let lines = draw(80, 24, view);
-        assert!(lines[23].starts_with("sort: WORKER ▲") && lines[3].starts_with("embed/9090"), "{lines:#?}");
+        assert!(lines[23].starts_with("sort: WORKER ▲") && lines[4].starts_with("embed/9090"), "{lines:#?}");
         view.key(KeyCode::Left);
         assert_eq!(view.sort, COLUMNS.len() - 1);
         assert!(!view.key(KeyCode::Char('q')));
@@ -736,10 +772,10 @@ mod tests {
         let cpu = format!("{:.1}", 10.0 + offset as f64 / 4.0);
         assert_eq!(n, 60);
         assert!(lines[0].contains(&format!("#{expected_seq}")) && lines[0].contains("record "), "{lines:#?}");
-        assert!(lines[3].starts_with("llm/8080") && lines[3].contains(&cpu), "{lines:#?}");
+        assert!(lines[4].starts_with("llm/8080") && lines[4].contains(&cpu), "{lines:#?}");
         // The run-queue spike recorded at that very second.
         assert!(
-            lines[3].contains("33.3") && lines.iter().any(|l| l.starts_with("RUNQ%") && l.ends_with("33.3%"))
+            lines[4].contains("33.3") && lines.iter().any(|l| l.starts_with("RUNQ%") && l.ends_with("33.3%"))
         );
         assert!(lines.iter().any(|l| l.starts_with("CPU%") && l.ends_with(&format!("{cpu}%"))), "{lines:#?}");
         recorded.step(-1).unwrap();
@@ -787,8 +823,8 @@ mod tests {
     #[test]
     fn a_narrow_terminal_drops_columns_and_a_tiny_one_says_so() {
         let lines = draw(40, 10, View::default());
-        assert!(lines[2].starts_with("WORKER") && lines[2].contains("CPU%"), "{lines:#?}");
-        assert!(!lines[2].contains("RUNQ%") && lines.iter().all(|l| l.chars().count() <= 40), "{lines:#?}");
+        assert!(lines[3].starts_with("WORKER") && lines[3].contains("CPU%"), "{lines:#?}");
+        assert!(!lines[3].contains("RUNQ%") && lines.iter().all(|l| l.chars().count() <= 40), "{lines:#?}");
         let tiny = draw(20, 4, View::default());
         assert!(tiny.join(" ").contains("terminal too small"), "{tiny:#?}");
     }

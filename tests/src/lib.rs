@@ -32,6 +32,25 @@ pub fn bpf_available(test: &str) -> bool {
     false
 }
 
+/// The path of program `tool` on `PATH` (installed by `scripts/setup`). Without it the test
+/// is skipped loudly, or fails when `HIVE_MONITOR_REQUIRE_BPF=1` (which CI sets to forbid
+/// every skip).
+pub fn tool(test: &str, tool: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let why = format!("needs `{tool}` (Debian's prometheus package; scripts/setup installs it)");
+        if std::env::var(REQUIRE_BPF).is_ok_and(|v| v == "1") {
+            panic!("{test}: {why}, and {REQUIRE_BPF}=1 forbids skipping");
+        }
+        eprintln!("SKIPPED {test}: {why} (set {REQUIRE_BPF}=1 to make this a failure)");
+    }
+    found
+}
+
 /// This process's cgroup in the hierarchy `name` (`""` for v2), relative to its root.
 pub fn own_cgroup(name: &str) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");

@@ -370,17 +370,25 @@ fn pull_api_serves_the_latest_heartbeat_and_prometheus_metrics() {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("Prometheus text format");
     let cpu = scrape.samples.iter().find(|s| s.metric == "hive_worker_cpu_seconds_total").expect(&text);
-    assert_eq!((cpu.labels.get("group"), cpu.labels.get("instance")), (Some("llm"), Some("8080")));
-    assert_eq!(cpu.labels.get("model"), Some("llama-3.2-1b"), "{text}");
-    // OpenMetrics names the counter family without `_total`, which this parser does not
-    // tie to the sample, so the type is checked on the family line.
+    assert_eq!((cpu.labels.get("group"), cpu.labels.get("worker")), (Some("llm"), Some("8080")));
+    assert!(matches!(cpu.value, prometheus_parse::Value::Counter(v) if v > 0.1), "{:?}", cpu.value);
+    let info = scrape.samples.iter().find(|s| s.metric == "hive_worker_info").expect(&text);
+    assert_eq!(info.labels.get("model"), Some("llama-3.2-1b"), "{text}");
+    // A plain client gets the classic text format; Prometheus, asking for it, OpenMetrics.
     assert!(
-        matches!(cpu.value, prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) if v > 0.1),
-        "{:?}",
-        cpu.value
+        text.contains("# TYPE hive_worker_cpu_seconds_total counter") && !text.contains("# EOF"),
+        "{text}"
     );
-    assert!(text.contains("# TYPE hive_worker_cpu_seconds counter") && text.ends_with("# EOF\n"), "{text}");
-    assert!(!text.contains("hive_worker_vram_bytes{"), "no VRAM figure, so no series: {text}");
+    let open = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth("pull-s3cret")
+        .header("Accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(open.contains("# TYPE hive_worker_cpu_seconds counter") && open.ends_with("# EOF\n"), "{open}");
+    assert!(!text.contains("hive_worker_gpu_memory_bytes{"), "no VRAM figure, so no series: {text}");
     let io: Vec<_> = scrape.samples.iter().filter(|s| s.metric == "hive_worker_io_bytes_total").collect();
     let levels: std::collections::BTreeSet<_> =
         io.iter().map(|s| (s.labels.get("level").unwrap(), s.labels.get("direction").unwrap())).collect();

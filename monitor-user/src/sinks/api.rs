@@ -1,8 +1,7 @@
-//! The pull side: `GET /v1/heartbeat`, `/v1/capabilities`, `/metrics` (OpenMetrics text,
-//! which Prometheus scrapes, encoded by prometheus-client), `/healthz`, and
-//! `/v1/heartbeats/stream` (Server-Sent Events, rbee's telemetry stream), served from the
-//! latest heartbeat on a thread of its own (axum on a one-thread tokio runtime). Off
-//! loopback every request needs the bearer token.
+//! The pull side: `GET /v1/heartbeat`, `/v1/capabilities`, `/metrics` (Prometheus metrics,
+//! `sinks::metrics`), `/healthz`, and `/v1/heartbeats/stream` (Server-Sent Events, rbee's
+//! telemetry stream), served from the latest heartbeat on a thread of its own (axum on a
+//! one-thread tokio runtime). Off loopback every request needs the bearer token.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -24,15 +23,11 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast;
 
+use super::metrics::SelfTotals;
 use crate::{
     error::{Error, Result},
     heartbeat::Heartbeat,
@@ -65,6 +60,7 @@ struct Shared {
     latest: Arc<RwLock<Option<Arc<Heartbeat>>>>,
     events: broadcast::Sender<StreamEvent>,
     subscribers: Arc<AtomicUsize>,
+    self_totals: Arc<RwLock<SelfTotals>>,
 }
 
 pub struct PullApi {
@@ -90,6 +86,7 @@ impl PullApi {
             latest: Arc::new(RwLock::new(None)),
             events: broadcast::Sender::new(STREAM_BACKLOG),
             subscribers: Arc::new(AtomicUsize::new(0)),
+            self_totals: Default::default(),
         };
         let token = RequiredToken(token.map(Into::into));
         let kept = shared.clone();
@@ -127,8 +124,14 @@ impl PullApi {
         Ok(Self { shared: kept, addr: bound })
     }
 
-    /// Makes `heartbeat` the one served, and sends it to the stream's subscribers.
+    /// Makes `heartbeat` the one served, and sends it to the stream's subscribers; its
+    /// interval's cost adds to the daemon's totals.
     pub fn publish(&self, heartbeat: Arc<Heartbeat>) {
+        {
+            let mut own = self.shared.self_totals.write().unwrap_or_else(|e| e.into_inner());
+            own.cpu_s += heartbeat.collector.self_cost.cpu_s;
+            own.kernel_s += heartbeat.collector.self_cost.kernel_s;
+        }
         // Stored before it is sent: a subscriber arriving between the two gets it as its
         // first event, and skips the copy sent.
         *self.shared.latest.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&heartbeat));
@@ -308,161 +311,18 @@ async fn capabilities(State(shared): State<Shared>) -> Response {
     .into_response()
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerLabels {
-    group: String,
-    instance: String,
-    model: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SwitchLabels {
-    group: String,
-    instance: String,
-    model: String,
-    kind: &'static str,
-}
-
-/// `level`: `storage` (read_bytes/write_bytes semantics) or `syscall` (rchar/wchar).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IoLabels {
-    group: String,
-    instance: String,
-    model: String,
-    level: &'static str,
-    direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeviceLabels {
-    device: String,
-    uuid: String,
-}
-
-/// The latest heartbeat in Prometheus text format. Only figures present are exported: a
-/// missing one is a missing series, never a 0.
-async fn metrics(State(shared): State<Shared>) -> Response {
+/// The latest heartbeat as Prometheus metrics (see `sinks::metrics`): OpenMetrics when the
+/// request asks for it, else the classic text format.
+async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     let Some(hb) = latest(&shared) else { return not_yet() };
-    let mut body = String::new();
-    if let Err(e) = encode(&mut body, &registry(&hb)) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response();
+    let own = *shared.self_totals.read().unwrap_or_else(|e| e.into_inner());
+    let openmetrics =
+        super::metrics::wants_openmetrics(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    match super::metrics::encode_text(&super::metrics::registry(&hb, own), openmetrics) {
+        Ok(body) => {
+            let kind = if openmetrics { super::metrics::OPENMETRICS } else { super::metrics::TEXT_0_0_4 };
+            ([(header::CONTENT_TYPE, kind)], body).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
-        .into_response()
-}
-
-type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
-type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
-
-fn registry(hb: &Heartbeat) -> Registry {
-    let mut r = Registry::with_prefix("hive");
-    let gauge = |r: &mut Registry, name: &str, help: &str, v: Option<f64>| {
-        if let Some(v) = v {
-            let g = F64Gauge::default();
-            g.set(v);
-            r.register(name, help, g);
-        }
-    };
-    gauge(
-        &mut r,
-        "host_cpu_percent",
-        "Busy share of all CPUs over the last interval",
-        hb.hive.cpu_usage_percent,
-    );
-    gauge(&mut r, "host_ram_used_gigabytes", "RAM in use (GiB)", hb.hive.ram_used_gb);
-    gauge(&mut r, "host_ram_total_gigabytes", "RAM installed (GiB)", hb.hive.ram_total_gb);
-    gauge(
-        &mut r,
-        "heartbeat_seq",
-        "Sequence number of the heartbeat these figures come from",
-        Some(hb.seq as f64),
-    );
-
-    let cpu_pct = Family::<WorkerLabels, F64Gauge>::default();
-    let mem = Family::<WorkerLabels, F64Gauge>::default();
-    let vram = Family::<WorkerLabels, F64Gauge>::default();
-    let gpu_pct = Family::<WorkerLabels, F64Gauge>::default();
-    let cpu_s = Family::<WorkerLabels, F64Counter>::default();
-    let runq_s = Family::<WorkerLabels, F64Counter>::default();
-    let switches = Family::<SwitchLabels, Counter<u64>>::default();
-    let io = Family::<IoLabels, Counter<u64>>::default();
-    for w in &hb.workers {
-        let l = WorkerLabels {
-            group: w.group.clone(),
-            instance: w.instance.clone(),
-            model: w.model.clone().unwrap_or_default(),
-        };
-        if let Some(v) = w.cpu_pct {
-            cpu_pct.get_or_create(&l).set(v);
-        }
-        if let Some(m) = &w.memory {
-            mem.get_or_create(&l).set(m.current_bytes as f64);
-        }
-        if let Some(v) = w.vram_mb {
-            vram.get_or_create(&l).set((v << 20) as f64);
-        }
-        if let Some(v) = w.gpu_util_pct {
-            gpu_pct.get_or_create(&l).set(v);
-        }
-        cpu_s.get_or_create(&l).inc_by(w.cpu_ns_total as f64 / 1e9);
-        if let Some(ns) = w.runq_wait_ns_total {
-            runq_s.get_or_create(&l).inc_by(ns as f64 / 1e9);
-        }
-        for (kind, n) in
-            [("voluntary", w.ctx_switches_voluntary_total), ("involuntary", w.ctx_switches_involuntary_total)]
-        {
-            let Some(n) = n else { continue };
-            let s = SwitchLabels {
-                group: l.group.clone(),
-                instance: l.instance.clone(),
-                model: l.model.clone(),
-                kind,
-            };
-            switches.get_or_create(&s).inc_by(n);
-        }
-        for (level, direction, n) in [
-            ("storage", "read", w.io_read_bytes_total),
-            ("storage", "write", w.io_write_bytes_total),
-            ("syscall", "read", w.io_syscall_read_bytes_total),
-            ("syscall", "write", w.io_syscall_write_bytes_total),
-        ] {
-            let Some(n) = n else { continue };
-            let s = IoLabels {
-                group: l.group.clone(),
-                instance: l.instance.clone(),
-                model: l.model.clone(),
-                level,
-                direction,
-            };
-            io.get_or_create(&s).inc_by(n);
-        }
-    }
-    r.register("worker_cpu_percent", "Worker on-CPU time over the last interval (100 = one core)", cpu_pct);
-    r.register("worker_cpu_seconds", "Worker on-CPU time charged by the kernel", cpu_s);
-    r.register("worker_runq_wait_seconds", "Time worker tasks were runnable but not running", runq_s);
-    r.register("worker_context_switches", "Worker context switches", switches);
-    r.register("worker_io_bytes", "Bytes the worker read and wrote, at storage and system-call level", io);
-    r.register("worker_memory_bytes", "Worker memory (its memory cgroup, or summed RSS)", mem);
-    r.register("worker_vram_bytes", "Worker VRAM over its processes and devices", vram);
-    r.register("worker_gpu_util_percent", "Worker SM utilisation summed over devices", gpu_pct);
-
-    let dev_util = Family::<DeviceLabels, F64Gauge>::default();
-    let dev_used = Family::<DeviceLabels, F64Gauge>::default();
-    let dev_total = Family::<DeviceLabels, F64Gauge>::default();
-    for d in hb.hive.vram_per_device.iter().flatten() {
-        let l = DeviceLabels { device: d.device_index.to_string(), uuid: d.uuid.clone().unwrap_or_default() };
-        if let Some(v) = d.gpu_utilization_percent {
-            dev_util.get_or_create(&l).set(v);
-        }
-        if let Some(v) = d.vram_used_gb {
-            dev_used.get_or_create(&l).set(v);
-        }
-        if let Some(v) = d.vram_total_gb {
-            dev_total.get_or_create(&l).set(v);
-        }
-    }
-    r.register("gpu_utilization_percent", "GPU utilisation", dev_util);
-    r.register("gpu_vram_used_gigabytes", "GPU memory in use (GiB)", dev_used);
-    r.register("gpu_vram_total_gigabytes", "GPU memory installed (GiB)", dev_total);
-    r
 }

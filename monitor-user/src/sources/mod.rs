@@ -3,6 +3,7 @@ pub mod cgroup;
 pub mod memory;
 pub mod model;
 pub mod nvml;
+pub mod pressure;
 pub mod procfs;
 
 /// The whole of a small kernel-generated file (`/proc`, cgroup files). Unlike

@@ -1,0 +1,136 @@
+//! Pressure stall figures per worker against the worker cgroup's own `cpu.pressure`,
+//! `memory.pressure` and `io.pressure`: two busy threads under `hive-monitor spawn
+//! --cpu-max 0.5` stall on CPU, and each interval's share must equal the growth of the
+//! file's `total` over that interval.
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use hive_monitor_tests::*;
+use monitor_user::{
+    sampler::{BpfMode, Sample, Sampler, SamplerOptions, WorkerSample},
+    sources::{cgroup::Slice, pressure::RESOURCES},
+};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_hm-daemon");
+const HM_LOAD: &str = env!("CARGO_BIN_EXE_hm-load");
+const TOLERANCE_PP: f64 = 0.5;
+const INTERVALS: usize = 3;
+
+/// `total` of the `some` or `full` line of `<dir>/<resource>.pressure`, in ns.
+fn psi_total_ns(dir: &Path, resource: &str, kind: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(format!("{resource}.pressure"))).ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{kind} ")))?;
+    let us: u64 = line.split_whitespace().find_map(|f| f.strip_prefix("total="))?.parse().ok()?;
+    Some(us * 1000)
+}
+
+fn worker(sample: &Sample) -> &WorkerSample {
+    sample
+        .workers
+        .iter()
+        .find(|w| w.cgroup.instance == "8080")
+        .unwrap_or_else(|| panic!("no worker: {sample:#?}"))
+}
+
+/// Ends the spawned worker (spawn forwards SIGTERM and removes its cgroups).
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: a plain signal to the child this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn stall_shares_equal_the_growth_of_the_pressure_files() {
+    if !bpf_available("pressure") {
+        return;
+    }
+    // On a hybrid host the CPU limit goes to the v1 cpu hierarchy.
+    let cg = TestCgroup::with_v1("pressure", &["cpu"]).unwrap_or_else(|| TestCgroup::new("pressure"));
+    let slice_rel = cg.rel("rbee.slice");
+    let spawned = Spawned(
+        Command::new(DAEMON)
+            .args(["spawn", "--cgroup-root", cg.root.to_str().unwrap(), "--slice", &slice_rel])
+            .args([
+                "--group",
+                "llm",
+                "--instance",
+                "8080",
+                "--cpu-max",
+                "0.5",
+                "--",
+                HM_LOAD,
+                "busy",
+                "2",
+                "60",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start hive-monitor spawn"),
+    );
+    let dir = cg.dir.join("rbee.slice/llm/8080");
+    wait_for(
+        || std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()),
+        Duration::from_secs(10),
+        "the spawned worker's process",
+    );
+    let slice = Slice::new(&cg.root, &slice_rel).expect("slice");
+    let options = SamplerOptions { bpf: BpfMode::Off, ..Default::default() };
+    let mut sampler = Sampler::with_options(slice, options).expect("sampler");
+
+    // Frozen, the worker's tasks stall on nothing: the files stand still while both are read.
+    let read_frozen = |sampler: &mut Sampler| {
+        freeze(&dir);
+        let sample = sampler.sample().expect("sample");
+        let files: Vec<[Option<u64>; 2]> = RESOURCES
+            .iter()
+            .map(|r| [psi_total_ns(&dir, r, "some"), psi_total_ns(&dir, r, "full")])
+            .collect();
+        thaw(&dir);
+        (worker(&sample).clone(), files)
+    };
+    let (mut prev, mut prev_files) = read_frozen(&mut sampler);
+    let mut cpu_stalled = 0.0f64;
+    for i in 0..INTERVALS {
+        std::thread::sleep(Duration::from_secs(1));
+        let (w, files) = read_frozen(&mut sampler);
+        let interval = w.at_ns - prev.at_ns;
+        for (r, resource) in RESOURCES.iter().enumerate() {
+            let ours = w.pressure[r];
+            if files[r][0].is_none() {
+                assert!(ours.is_none(), "{resource}: no file, yet {ours:?}");
+                continue;
+            }
+            let ours = ours.unwrap_or_else(|| panic!("{resource}.pressure exists but the figure is null"));
+            for (k, (total, share)) in
+                [(ours.some_ns, ours.some_pct), (ours.full_ns, ours.full_pct)].into_iter().enumerate()
+            {
+                let kind = ["some", "full"][k];
+                assert_eq!(total, files[r][k], "interval {i}: {resource} {kind} total vs the file's");
+                let (Some(now), Some(before)) = (files[r][k], prev_files[r][k]) else { continue };
+                let kernel = (now - before) as f64 * 100.0 / interval as f64;
+                let ours = share.unwrap_or_else(|| panic!("interval {i}: {resource} {kind} share null"));
+                eprintln!("interval {i}: {resource} {kind}: monitor {ours:7.3} %  file {kernel:7.3} %");
+                assert!(
+                    (ours - kernel).abs() <= TOLERANCE_PP,
+                    "interval {i}: {resource} {kind} share {ours} % vs the file's growth {kernel} %"
+                );
+                if (r, k) == (0, 0) {
+                    cpu_stalled = cpu_stalled.max(kernel);
+                }
+            }
+        }
+        (prev, prev_files) = (w, files);
+    }
+    assert!(
+        cpu_stalled > 10.0,
+        "the load stalled on CPU only {cpu_stalled} % of an interval: not the case needed"
+    );
+    drop(spawned);
+}
