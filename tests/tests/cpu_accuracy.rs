@@ -13,7 +13,7 @@ use monitor_user::{
 /// The workload program (`tests/src/bin/hm-load.rs`).
 const HM_LOAD: &str = env!("CARGO_BIN_EXE_hm-load");
 
-/// SPEC §4: per-interval CPU% within 0.5 percentage points of `cpu.stat`.
+/// docs/design.md, Accuracy: per-interval CPU% within 0.5 percentage points of `cpu.stat`.
 const TOLERANCE_PP: f64 = 0.5;
 const INTERVALS: usize = 3;
 

@@ -134,7 +134,8 @@ fn run_prints_one_heartbeat_per_interval() {
     assert!(b["io_r_mb_s"].as_f64().is_some() && beats[2]["collector"]["io_read"] == "ebpf", "{b}");
 }
 
-/// SPEC §7: a new worker is in the next heartbeat, an exited one gone from the next.
+/// docs/design.md, Timeliness: a new worker is in the next heartbeat, an exited one gone from
+/// the next.
 #[test]
 fn workers_come_and_go_between_samples() {
     if !bpf_available("workers_come_and_go_between_samples") {
@@ -182,8 +183,8 @@ fn bad_arguments_are_clear_errors() {
 }
 
 /// Without CAP_BPF/CAP_PERFMON the daemon says which it lacks, then keeps working from the
-/// cgroup files (SPEC §6) and labels its figures so. As root, the capabilities are dropped
-/// for the child with setpriv.
+/// cgroup files (docs/design.md, Degradation) and labels its figures so. As root, the
+/// capabilities are dropped for the child with setpriv.
 #[test]
 fn unprivileged_run_names_the_missing_capabilities_and_falls_back() {
     let args = ["run", "--count", "1", "--listen", "127.0.0.1:0"];

@@ -1,6 +1,7 @@
 //! GPU figures through the daemon's real nvml-wrapper path, against the scripted NVML
 //! library (`nvml-stub`): VRAM and utilisation land on the right worker across devices and
-//! processes, only new utilisation samples count, and failures degrade as SPEC §6 says.
+//! processes, only new utilisation samples count, and failures degrade as docs/design.md,
+//! Degradation, says.
 use std::{sync::Mutex, time::Duration};
 
 use hive_monitor_tests::*;

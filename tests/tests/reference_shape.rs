@@ -1,11 +1,12 @@
 //! A consumer written for the reference `HiveHeartbeat` shape parses our heartbeats
-//! unchanged. The types below are the reference's (SPEC §5 and the reference documents:
+//! unchanged. The types below are the reference's (docs/design.md, The heartbeat:
 //! `HiveInfo` with its system stats, `VramInfo`, the per-worker `ProcessStats` the queen's
 //! scheduling code uses), with none of our extensions; serde ignores the extra fields.
 //!
-//! On a host where a figure has no source (no NVML: no GPU figures) SPEC §6 makes it `null`
-//! rather than a made-up 0, and a consumer must read that field as an `Option`; here every
-//! source is present (the probes, and NVML through the scripted library), as on a GPU host.
+//! On a host where a figure has no source (no NVML: no GPU figures) docs/design.md,
+//! Degradation, makes it `null` rather than a made-up 0, and a consumer must read that field
+//! as an `Option`; here every source is present (the probes, and NVML through the scripted
+//! library), as on a GPU host.
 use std::process::{Command, Stdio};
 
 use hive_monitor_tests::*;
