@@ -37,7 +37,7 @@ const DROP_AFTER_INTERVALS: f64 = 10.0;
 /// What the coordinator last heard from a hive.
 enum Report {
     /// Pushed to `/v1/hive-heartbeat`.
-    Heartbeat(Heartbeat),
+    Heartbeat(Box<Heartbeat>),
     /// An event of the hive's stream, which this coordinator subscribed to.
     Telemetry { hive_info: HiveInfo, workers: Vec<ProcessStats> },
 }
@@ -67,11 +67,13 @@ impl Hive {
     }
 }
 
+/// Stream subscriptions by hive id, with the URL each one follows.
+type Subscriptions = HashMap<String, (String, tokio::task::JoinHandle<()>)>;
+
 #[derive(Clone)]
 struct Queen {
     hives: Arc<Mutex<HashMap<String, Hive>>>,
-    /// Stream subscriptions by hive id, with the URL each one follows.
-    subscriptions: Arc<Mutex<HashMap<String, (String, tokio::task::JoinHandle<()>)>>>,
+    subscriptions: Arc<Mutex<Subscriptions>>,
     client: reqwest::Client,
 }
 
@@ -141,7 +143,7 @@ async fn receive(State(queen): State<Queen>, body: axum::body::Bytes) -> Respons
     let seq = heartbeat.seq;
     hives.insert(
         heartbeat.hive.id.clone(),
-        Hive { report: Report::Heartbeat(heartbeat), received: now, interval, seq },
+        Hive { report: Report::Heartbeat(Box::new(heartbeat)), received: now, interval, seq },
     );
     Json(Ack { server_status: "ok" }).into_response()
 }

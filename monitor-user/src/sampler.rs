@@ -463,27 +463,11 @@ impl Sampler {
             let processes_known = !map_full || current.get(&cg.id).is_some_and(|w| w.processes_counted);
             let mut cur =
                 current.get(&cg.id).copied().unwrap_or(WorkerReading { at_ns: reading.at_ns, ..prev });
-            let io_known = match self.sources.io_fallback() {
-                false => true,
-                true => match self.fallback_io.worker(cg.id, &procs, self.clk_tck) {
-                    Some(io) => {
-                        let (c, s) = (&mut cur.counters, &self.sources);
-                        if s.io_syscall == Source::Procfs {
-                            (c.syscall_read_bytes, c.syscall_write_bytes) = (io.rchar, io.wchar);
-                        }
-                        if s.io_read == Source::Procfs {
-                            c.storage_read_bytes = io.read_bytes;
-                        }
-                        if s.io_write == Source::Procfs {
-                            c.storage_write_bytes = io.write_bytes;
-                        }
-                        true
-                    }
-                    None => false,
-                },
-            };
+            let io_known = self.fallback_io_into(cg.id, &procs, &mut cur.counters);
             let counters = monotonic(prev.counters, cur.counters);
             let worker_interval = cur.at_ns.saturating_sub(prev.at_ns);
+            let bytes_s =
+                |f: fn(&WorkerCounters) -> u64| per_second(f(&prev.counters), f(&counters), worker_interval);
             current.insert(cg.id, WorkerReading { counters, ..cur });
             workers.push(WorkerSample {
                 pid: main.map(|m| m.pid),
@@ -492,26 +476,10 @@ impl Sampler {
                 at_ns: cur.at_ns,
                 cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
                 runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
-                syscall_read_bytes_s: per_second(
-                    prev.counters.syscall_read_bytes,
-                    counters.syscall_read_bytes,
-                    worker_interval,
-                ),
-                storage_read_bytes_s: per_second(
-                    prev.counters.storage_read_bytes,
-                    counters.storage_read_bytes,
-                    worker_interval,
-                ),
-                storage_write_bytes_s: per_second(
-                    prev.counters.storage_write_bytes,
-                    counters.storage_write_bytes,
-                    worker_interval,
-                ),
-                syscall_write_bytes_s: per_second(
-                    prev.counters.syscall_write_bytes,
-                    counters.syscall_write_bytes,
-                    worker_interval,
-                ),
+                syscall_read_bytes_s: bytes_s(|c| c.syscall_read_bytes),
+                storage_read_bytes_s: bytes_s(|c| c.storage_read_bytes),
+                storage_write_bytes_s: bytes_s(|c| c.storage_write_bytes),
+                syscall_write_bytes_s: bytes_s(|c| c.syscall_write_bytes),
                 io_known,
                 processes_known,
                 memory,
@@ -556,6 +524,26 @@ impl Sampler {
             probe_stats: reading.stats,
             events: reading.events,
         })
+    }
+
+    /// Without the probes' I/O figures: the worker's from its processes' `/proc/<pid>/io`,
+    /// written into `counters`. `false` when they could not all be read.
+    fn fallback_io_into(&mut self, worker: u64, procs: &[u32], counters: &mut WorkerCounters) -> bool {
+        if !self.sources.io_fallback() {
+            return true;
+        }
+        let Some(io) = self.fallback_io.worker(worker, procs, self.clk_tck) else { return false };
+        let s = &self.sources;
+        if s.io_syscall == Source::Procfs {
+            (counters.syscall_read_bytes, counters.syscall_write_bytes) = (io.rchar, io.wchar);
+        }
+        if s.io_read == Source::Procfs {
+            counters.storage_read_bytes = io.read_bytes;
+        }
+        if s.io_write == Source::Procfs {
+            counters.storage_write_bytes = io.write_bytes;
+        }
+        true
     }
 
     /// The daemon's CPU time since the last sample, and its memory now.

@@ -284,7 +284,10 @@ fn fifty_subscribers_and_one_that_never_reads() {
 }
 
 /// A stand-in queen that records every `POST /v1/hive/ready` body and answers 200.
-fn fake_queen() -> (u16, Arc<Mutex<Vec<(Instant, Value)>>>) {
+/// Each `ready` body the fake queen got, and when.
+type Calls = Arc<Mutex<Vec<(Instant, Value)>>>;
+
+fn fake_queen() -> (u16, Calls) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let calls = Arc::new(Mutex::new(Vec::new()));

@@ -132,6 +132,7 @@ fn u(v: Option<u64>) -> Option<f64> {
 }
 
 /// The heartbeat's figures as a registry.
+#[expect(clippy::too_many_lines, reason = "one entry per exported family: a table, read top to bottom")]
 pub fn registry(hb: &Heartbeat, own: SelfTotals) -> Registry {
     use Kind::{Counter as C, Gauge as G};
     let mut r = Registry::with_prefix("hive");
