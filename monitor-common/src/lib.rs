@@ -248,21 +248,20 @@ const _: () = assert!(core::mem::size_of::<KernelLayout>() == 35 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (each): repr(C), Copy, no padding (the size assertions above), and valid for
-    // any bit pattern (integers only).
+    // SAFETY: repr(C), Copy, no padding (the size assertions above), any bit pattern valid.
     unsafe impl aya::Pod for super::TaskCounters {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::TaskRecord {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::ProcessCounts {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::ClockOffset {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::SliceFilter {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::ProbeStats {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::KernelLayout {}
-    // SAFETY: as above.
+    // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::TaskEvent {}
 }

@@ -93,6 +93,7 @@ unsafe fn put_str(s: &str, buf: *mut c_char, len: c_uint) -> nvmlReturn_t {
     if s.len() + 1 > len as usize {
         return nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE;
     }
+    // SAFETY: `buf` is non-null and valid for `len` bytes (caller's contract), room for `s` and NUL.
     unsafe {
         ptr::copy_nonoverlapping(s.as_ptr().cast(), buf, s.len());
         *buf.add(s.len()) = 0;
@@ -106,6 +107,7 @@ unsafe fn put_list<T: Copy>(items: &[T], count: *mut c_uint, out: *mut T) -> nvm
     if count.is_null() {
         return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
     }
+    // SAFETY: `count` is checked non-null; `out`, valid for `room` items, is written only if `room` suffices.
     unsafe {
         let room = *count as usize;
         *count = items.len() as c_uint;
@@ -139,6 +141,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn
     if count.is_null() {
         return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
     }
+    // SAFETY: `count` is non-null (checked above) and points to a writable c_uint, per the NVML API.
     unsafe { *count = s.devices.len() as c_uint };
     nvmlReturn_enum_NVML_SUCCESS
 }
@@ -154,6 +157,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
         Some(d) if d.lost => nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST,
         Some(_) if device.is_null() => nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT,
         Some(_) => {
+            // SAFETY: `device` is non-null (the guard above) and writable, per the NVML API.
             unsafe { *device = (index as usize + 1) as nvmlDevice_t };
             nvmlReturn_enum_NVML_SUCCESS
         }
@@ -166,6 +170,7 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
     name: *mut c_char,
     len: c_uint,
 ) -> nvmlReturn_t {
+    // SAFETY: the NVML caller makes `name` valid for `len` bytes; put_str checks null and size.
     with_device(device, "name", |d| unsafe { put_str(&d.name, name, len) })
 }
 
@@ -175,6 +180,7 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
     uuid: *mut c_char,
     len: c_uint,
 ) -> nvmlReturn_t {
+    // SAFETY: the NVML caller makes `uuid` valid for `len` bytes; put_str checks null and size.
     with_device(device, "uuid", |d| unsafe { put_str(&d.uuid, uuid, len) })
 }
 
@@ -183,6 +189,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     device: nvmlDevice_t,
     memory: *mut nvmlMemory_v2_t,
 ) -> nvmlReturn_t {
+    // SAFETY: `memory` is checked non-null first and points to an nvmlMemory_v2_t, per the NVML API.
     with_device(device, "memory_info", |d| unsafe {
         let expected = (std::mem::size_of::<nvmlMemory_v2_t>() | (2 << 24)) as c_uint;
         if memory.is_null() || (*memory).version != expected {
@@ -201,6 +208,7 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     device: nvmlDevice_t,
     util: *mut nvmlUtilization_t,
 ) -> nvmlReturn_t {
+    // SAFETY: `util` is checked non-null and points to an nvmlUtilization_t, per the NVML API.
     with_device(device, "utilization_rates", |d| unsafe {
         if util.is_null() {
             return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
@@ -216,6 +224,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(
     _sensor: nvmlTemperatureSensors_t,
     temp: *mut c_uint,
 ) -> nvmlReturn_t {
+    // SAFETY: `temp` is checked non-null and points to a writable c_uint, per the NVML API.
     with_device(device, "temperature", |d| unsafe {
         if temp.is_null() {
             return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
@@ -243,6 +252,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
+    // SAFETY: the NVML caller makes `infos` valid for `*count` entries; put_list checks null and room.
     with_device(device, "compute_processes", |d| unsafe {
         put_list(&process_infos(&d.compute), count, infos)
     })
@@ -254,6 +264,7 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
+    // SAFETY: the NVML caller makes `infos` valid for `*count` entries; put_list checks null and room.
     with_device(device, "graphics_processes", |d| unsafe {
         put_list(&process_infos(&d.graphics), count, infos)
     })
@@ -284,6 +295,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
         if newer.is_empty() {
             return nvmlReturn_enum_NVML_ERROR_NOT_FOUND;
         }
+        // SAFETY: the NVML caller makes `samples` valid for `*count` entries; put_list checks null and room.
         unsafe { put_list(&newer, count, samples) }
     })
 }

@@ -15,6 +15,7 @@ pub const REQUIRE_BPF: &str = "HIVE_MONITOR_REQUIRE_BPF";
 /// Whether this process may load BPF programs here. When it may not, the test is skipped
 /// loudly, or fails when `HIVE_MONITOR_REQUIRE_BPF=1`.
 pub fn bpf_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let reason = if unsafe { libc::geteuid() } != 0 {
         Some("not running as root")
     } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {

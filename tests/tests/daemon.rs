@@ -188,6 +188,7 @@ fn bad_arguments_are_clear_errors() {
 #[test]
 fn unprivileged_run_names_the_missing_capabilities_and_falls_back() {
     let args = ["run", "--count", "1", "--listen", "127.0.0.1:0"];
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let out = if unsafe { libc::geteuid() } == 0 {
         Command::new("setpriv")
             .args([
@@ -470,6 +471,7 @@ fn sigterm_sends_a_last_heartbeat_saying_stopping_and_exits_0() {
     // The first heartbeat comes after one interval: signal well before it.
     std::thread::sleep(Duration::from_millis(1500));
     let signalled = std::time::Instant::now();
+    // SAFETY: plain kill(2) on the pid of a child this test spawned and has not yet waited for.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let took = signalled.elapsed();
@@ -532,6 +534,7 @@ fn sighup_reloads_the_config_file_and_keeps_it_when_malformed() {
         seqs.push(hb["seq"].as_u64().unwrap());
         ids.push(hb["hive"]["id"].as_str().unwrap().to_string());
     }
+    // SAFETY: plain kill(2) on the pid of a child this test spawned and has not yet waited for.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let mut stderr = String::new();

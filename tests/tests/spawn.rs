@@ -105,6 +105,7 @@ fn exit_status_and_signals_pass_through() {
         assert!(Instant::now() < deadline, "the worker never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // SAFETY: plain kill(2) on the pid of a child this test spawned and has not yet waited for.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert_eq!(

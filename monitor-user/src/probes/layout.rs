@@ -177,6 +177,7 @@ pub fn resolve_running_kernel(slice_level: u32, withheld: &BTreeSet<String>) -> 
         child => {
             // SAFETY: both descriptors are ours; the read end is owned by `input` from here.
             unsafe { libc::close(fds[1]) };
+            // SAFETY: fds[0] is pipe2()'s read end, open and owned by nothing else; `input` takes it.
             let mut input = unsafe { std::fs::File::from_raw_fd(fds[0]) };
             let mut reply = Vec::new();
             let read = std::io::Read::read_to_end(&mut input, &mut reply);

@@ -401,6 +401,7 @@ fn record_size(args: &Args) -> Value {
 
 /// What `top` does: Σ utime+stime (clock ticks) of the processes in the cgroup now.
 fn tick_cpu_ns(dir: &Path) -> u64 {
+    // SAFETY: sysconf only reads a system setting.
     let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     procs

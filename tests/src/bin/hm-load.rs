@@ -144,8 +144,10 @@ fn main() {
                 match unsafe { libc::fork() } {
                     0 => {
                         spin_for(Duration::from_millis(3));
+                        // SAFETY: _exit ends the forked child without running the parent's exit handlers.
                         unsafe { libc::_exit(0) };
                     }
+                    // SAFETY: waits for the child just forked; a null status pointer is allowed.
                     pid if pid > 0 => unsafe {
                         libc::waitpid(pid, std::ptr::null_mut(), 0);
                     },
@@ -186,6 +188,7 @@ fn main() {
                         done += n as usize;
                     }
                 }
+                // SAFETY: the write end from pipe() above, closed once, after the last write.
                 unsafe { libc::close(fds[1]) };
             });
             let mut buf = vec![0u8; 64 << 10];
@@ -229,8 +232,10 @@ fn main() {
                 };
                 assert_ne!(p, libc::MAP_FAILED);
                 for off in (0..len).step_by(4096) {
+                    // SAFETY: `off < len` and the mapping is `len` readable bytes of a file that long.
                     sum += u64::from(unsafe { *(p as *const u8).add(off) });
                 }
+                // SAFETY: unmaps exactly the mapping made above, no longer used.
                 unsafe { libc::munmap(p, len) };
             }
             std::hint::black_box(sum);
@@ -263,6 +268,7 @@ fn main() {
                 let mut b = [0u8; 1];
                 // SAFETY: valid buffer and descriptors; a closed write end ends the loop.
                 while unsafe { libc::read(there[0], b.as_mut_ptr().cast(), 1) } == 1 {
+                    // SAFETY: a valid one-byte buffer and the write end from pipe() above.
                     unsafe { libc::write(back[1], b.as_ptr().cast(), 1) };
                 }
             });
@@ -276,6 +282,7 @@ fn main() {
                 trips += 1;
             }
             let elapsed = start.elapsed().as_secs_f64();
+            // SAFETY: the write end from pipe() above, closed once; it ends the echo thread's loop.
             unsafe { libc::close(there[1]) };
             echo.join().unwrap();
             println!("{:.0}", trips as f64 / elapsed);
@@ -287,8 +294,10 @@ fn main() {
                 match unsafe { libc::fork() } {
                     0 => {
                         spin_for(Duration::from_millis(1));
+                        // SAFETY: _exit ends the forked child without running the parent's exit handlers.
                         unsafe { libc::_exit(0) }
                     }
+                    // SAFETY: waits for the child just forked; a null status pointer is allowed.
                     pid if pid > 0 => unsafe {
                         libc::waitpid(pid, std::ptr::null_mut(), 0);
                     },
@@ -309,6 +318,7 @@ fn main() {
                             write_synced(&file, (mib << 20) / 4);
                             read_cold(&file);
                             let _ = std::fs::remove_file(&file);
+                            // SAFETY: _exit ends the forked child without running the parent's exit handlers.
                             unsafe { libc::_exit(0) }
                         }
                         pid if pid > 0 => pid,
