@@ -153,7 +153,8 @@ pub struct Worker {
     pub ctx_switches_involuntary_total: Option<u64>,
     /// System-call level I/O, MB (10^6 bytes) per second and cumulative bytes: what the
     /// worker's tasks asked read/write-type calls to move (`rchar`/`wchar` semantics), not
-    /// what reached storage (that is `io_r_mb_s`/`io_w_mb_s`). `null` without BPF.
+    /// what reached storage (that is `io_r_mb_s`/`io_w_mb_s`). Without BPF they come from the
+    /// processes' `/proc/<pid>/io`, and are `null` when one of those cannot be read.
     pub io_syscall_r_mb_s: Option<f64>,
     pub io_syscall_w_mb_s: Option<f64>,
     pub io_syscall_read_bytes_total: Option<u64>,

@@ -275,6 +275,10 @@ pub struct Sampler {
     pressure_files: KeptFiles,
     /// Worker → CLOCK_MONOTONIC ns of its last pressure reading, and that reading.
     prev_pressure: HashMap<u64, (u64, WorkerPressure)>,
+    /// Without the probes: workers whose `cpu.stat` could not be read at the last sample.
+    /// Their counter did not move then, so the next interval's growth spans two: no CPU%
+    /// for either.
+    cpu_unread: HashSet<u64>,
     /// Without the probes: I/O from `/proc/<pid>/io`.
     fallback_io: FallbackIo,
     host_cpu: Option<HostCpu>,
@@ -336,12 +340,13 @@ impl Sampler {
         }
         let sources = FigureSources::new(&availability);
         let mut worker_list = WorkerList::default();
+        let mut cpu_unread = HashSet::new();
         let mut prev = match &mut probes {
             Some(p) => p.read()?,
             None => KernelReading::default(),
         };
         if sources.cpu == Source::Cgroup {
-            cpu_from_cgroup(&mut prev, &worker_list.current(&slice)?);
+            cpu_unread = cpu_from_cgroup(&mut prev, &worker_list.current(&slice)?);
         }
         let gpus = Gpus::open(options.nvml_lib.as_deref());
         let gpu_source = match (&gpus, crate::sources::nvml::driver_loaded()) {
@@ -365,6 +370,7 @@ impl Sampler {
             procs_files: KeptFiles::default(),
             pressure_files: KeptFiles::default(),
             prev_pressure: HashMap::new(),
+            cpu_unread,
             fallback_io: FallbackIo::default(),
             host_cpu: procfs::host_cpu().ok(),
             gpus,
@@ -414,8 +420,11 @@ impl Sampler {
         for event in reading.events.iter().filter(|e| e.kind == TaskEventKind::Exec as u32) {
             self.models.forget_pid(event.task.tgid);
         }
+        let mut cpu_unknown = HashSet::new();
         if self.sources.cpu == Source::Cgroup {
-            cpu_from_cgroup(&mut reading, &cgroups);
+            let unread = cpu_from_cgroup(&mut reading, &cgroups);
+            cpu_unknown = unread.union(&self.cpu_unread).copied().collect();
+            self.cpu_unread = unread;
         }
         let interval_ns = reading.at_ns.saturating_sub(self.prev.at_ns);
         let boottime_s = procfs::boottime_s();
@@ -474,7 +483,8 @@ impl Sampler {
                 uptime_s: main.map(|m| uptime_s(m.start_ticks, self.clk_tck, boottime_s)),
                 processes: procs.len(),
                 at_ns: cur.at_ns,
-                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval),
+                cpu_pct: rate_pct(prev.counters.cpu_ns, counters.cpu_ns, worker_interval)
+                    .filter(|_| !cpu_unknown.contains(&cg.id)),
                 runq_wait_pct: rate_pct(prev.counters.runq_wait_ns, counters.runq_wait_ns, worker_interval),
                 syscall_read_bytes_s: bytes_s(|c| c.syscall_read_bytes),
                 storage_read_bytes_s: bytes_s(|c| c.storage_read_bytes),
@@ -650,7 +660,9 @@ impl Sampler {
 
 /// Without the probes' CPU figure: each worker's CPU time from its cgroup's `cpu.stat`,
 /// which the kernel charges as it charges tasks (running tasks' uncharged time excepted).
-fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[std::sync::Arc<WorkerCgroup>]) {
+/// Returns the workers whose file could not be read.
+fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[std::sync::Arc<WorkerCgroup>]) -> HashSet<u64> {
+    let mut unread = HashSet::new();
     if reading.at_ns == 0 {
         reading.at_ns = crate::probes::monotonic_ns();
     }
@@ -662,9 +674,13 @@ fn cpu_from_cgroup(reading: &mut KernelReading, workers: &[std::sync::Arc<Worker
                     reading.workers.entry(w.id).or_insert(WorkerReading { at_ns, ..Default::default() });
                 (entry.at_ns, entry.counters.cpu_ns) = (at_ns, cpu_ns);
             }
-            Err(e) => log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance),
+            Err(e) => {
+                log::debug!("worker {}/{}: CPU left out: {e}", w.group, w.instance);
+                unread.insert(w.id);
+            }
         }
     }
+    unread
 }
 
 /// Without the probes, each worker's I/O summed from its processes' `/proc/<pid>/io`. What a
