@@ -103,6 +103,9 @@ fn sleep_threads(n: usize, secs: u64) -> ! {
     std::process::exit(0)
 }
 
+/// A section of the report: what it measures, as JSON.
+type Section = fn(&Args) -> Value;
+
 fn main() {
     let mut args = args();
     std::fs::create_dir_all(&args.scratch).expect("scratch directory");
@@ -110,7 +113,7 @@ fn main() {
     args.scratch = std::fs::canonicalize(&args.scratch).expect("scratch directory");
     let started = Instant::now();
     let mut report = json!({});
-    let sections: [(&str, fn(&Args) -> Value); 7] = [
+    let sections: [(&str, Section); 7] = [
         ("ebpf_cost", ebpf_cost),
         ("host_cost", host_cost),
         ("kernel_time", kernel_time),
@@ -1125,8 +1128,8 @@ fn kernel_time(args: &Args) -> Value {
     let me = std::env::current_exe().expect("own path");
     let _stats = BpfStats::enable();
     println!(
-        "{:<28} {:>8} {:>18} {:>13} {:>11}  {}",
-        "condition", "tasks", "kernel ms/sample", "BPF runs/s", "CPU % core", "source"
+        "{:<28} {:>8} {:>18} {:>13} {:>11}  source",
+        "condition", "tasks", "kernel ms/sample", "BPF runs/s", "CPU % core"
     );
     let mut out = Vec::new();
     let mut sleepers = Vec::new();
