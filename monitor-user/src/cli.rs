@@ -630,20 +630,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             Sink::Push(c) => {
                 c.send(&heartbeat);
                 if let Some(ack) = c.take_ack() {
-                    if ack.server_status.is_some() && ack.server_status != server_status {
-                        log::info!("coordinator status: {}", ack.server_status.as_deref().unwrap_or("?"));
-                        server_status = ack.server_status;
-                    }
-                    match ack.next_interval_ms {
-                        Some(ms) if ACK_INTERVAL_MS.contains(&ms) && ms * 1_000_000 != interval_ns => {
-                            log::info!("coordinator asks for a heartbeat every {ms} ms");
-                            interval_ns = ms * 1_000_000;
-                        }
-                        Some(ms) if !ACK_INTERVAL_MS.contains(&ms) => {
-                            log::warn!("coordinator asked for next_interval_ms {ms}, outside {ACK_INTERVAL_MS:?}; ignored")
-                        }
-                        _ => {}
-                    }
+                    interval_ns = follow_ack(ack, interval_ns, &mut server_status);
                 }
             }
         }
@@ -661,6 +648,30 @@ fn run(args: RunArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// A push coordinator's acknowledgement: its status logged when it changes, and the interval
+/// it asks for taken when within `ACK_INTERVAL_MS`. Returns the interval to keep.
+fn follow_ack(
+    ack: crate::sinks::coordinator::Ack,
+    interval_ns: u64,
+    server_status: &mut Option<String>,
+) -> u64 {
+    if ack.server_status.is_some() && ack.server_status != *server_status {
+        log::info!("coordinator status: {}", ack.server_status.as_deref().unwrap_or("?"));
+        *server_status = ack.server_status;
+    }
+    match ack.next_interval_ms {
+        Some(ms) if ACK_INTERVAL_MS.contains(&ms) && ms * 1_000_000 != interval_ns => {
+            log::info!("coordinator asks for a heartbeat every {ms} ms");
+            ms * 1_000_000
+        }
+        Some(ms) if !ACK_INTERVAL_MS.contains(&ms) => {
+            log::warn!("coordinator asked for next_interval_ms {ms}, outside {ACK_INTERVAL_MS:?}; ignored");
+            interval_ns
+        }
+        _ => interval_ns,
+    }
 }
 
 /// The sampler keeps two files open per worker (its `cgroup.procs` and a memory file or
