@@ -214,7 +214,8 @@ impl From<&StallFigures> for PressureStall {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerGpuDevice {
     pub device_index: u32,
-    pub vram_bytes: u64,
+    /// `null` when the driver does not report a process's use.
+    pub vram_bytes: Option<u64>,
     /// Mean SM utilisation of the worker's processes on this device over the interval.
     pub sm_util_pct: Option<f64>,
 }
@@ -423,7 +424,7 @@ impl Worker {
             cpu_pct: w.cpu_pct.map(|v| round(v, 2)),
             rss_mb: w.memory.map(|m| (m.current as f64 / MIB).round() as u64),
             gpu_util_pct: w.gpu.as_ref().and_then(|g| g.sm_util_pct).map(|v| round(v, 2)),
-            vram_mb: w.gpu.as_ref().map(|g| (g.vram_bytes as f64 / MIB).round() as u64),
+            vram_mb: w.gpu.as_ref().and_then(|g| g.vram_bytes).map(|b| (b as f64 / MIB).round() as u64),
             model: w.model.clone(),
             uptime_s: w.uptime_s,
             io_r_mb_s: mb_s(s.io_read, w.storage_read_bytes_s),

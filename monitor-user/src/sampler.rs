@@ -81,14 +81,16 @@ pub struct StallFigures {
 /// A worker's GPU use, over its processes and devices.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkerGpu {
-    /// Summed over the processes the driver reports memory for.
-    pub vram_bytes: u64,
+    /// Summed over its processes; 0 when every device was read and the worker is on none;
+    /// `None` when that is not known (a device lost or unreadable, or a process whose use
+    /// the driver does not report).
+    pub vram_bytes: Option<u64>,
     /// Summed per-device SM utilisation (100 = one device fully busy); 0 when every device
     /// was read and the worker is on none; `None` when that is not known (a device lost or
     /// unreadable, or the worker's devices do not report per-process utilisation).
     pub sm_util_pct: Option<f64>,
     /// Per device it is on: (index, VRAM bytes, SM utilisation %).
-    pub devices: Vec<(u32, u64, Option<f64>)>,
+    pub devices: Vec<(u32, Option<u64>, Option<f64>)>,
 }
 
 /// A device's utilisation crossed the threshold: the coordinator may want to pre-warm
@@ -748,22 +750,25 @@ impl FallbackIo {
 
 /// A worker's share of the GPUs: its processes' entries, summed.
 fn worker_gpu(gpu: &GpuReading, procs: &[u32]) -> WorkerGpu {
-    let mut devices: Vec<(u32, u64, Option<f64>)> = Vec::new();
+    let mut devices: Vec<(u32, Option<u64>, Option<f64>)> = Vec::new();
     for on in procs.iter().filter_map(|pid| gpu.processes.get(pid)).flatten() {
         let i = match devices.iter().position(|d| d.0 == on.device) {
             Some(i) => i,
             None => {
-                devices.push((on.device, 0, Some(0.0)));
+                devices.push((on.device, Some(0), Some(0.0)));
                 devices.len() - 1
             }
         };
-        devices[i].1 += on.vram_bytes.unwrap_or(0);
+        devices[i].1 = devices[i].1.zip(on.vram_bytes).map(|(a, b)| a + b);
         devices[i].2 = devices[i].2.zip(on.sm_util_pct).map(|(a, b)| a + b);
     }
     devices.sort_by_key(|d| d.0);
     let utils: Vec<f64> = devices.iter().filter_map(|d| d.2).collect();
     WorkerGpu {
-        vram_bytes: devices.iter().map(|d| d.1).sum(),
+        vram_bytes: match devices.is_empty() {
+            true => gpu.complete.then_some(0),
+            false => devices.iter().map(|d| d.1).sum(),
+        },
         sm_util_pct: match (devices.is_empty(), utils.is_empty()) {
             (true, _) => gpu.complete.then_some(0.0),
             (false, true) => None,

@@ -102,11 +102,11 @@ fn vram_and_utilisation_land_on_the_right_worker() {
 
     let s = sampler.sample().unwrap();
     let ga = worker(&s, "a").gpu.clone().expect("GPU figures for a");
-    assert_eq!(ga.vram_bytes, GIB + 512 * MIB + 256 * MIB, "two processes over two devices");
+    assert_eq!(ga.vram_bytes, Some(GIB + 512 * MIB + 256 * MIB), "two processes over two devices");
     assert_eq!(ga.sm_util_pct, Some(50.0 + 0.0 + 10.0), "mean of a1's samples; a2 has none on GPU 0");
-    assert_eq!(ga.devices, vec![(0, GIB + 512 * MIB, Some(50.0)), (1, 256 * MIB, Some(10.0))]);
+    assert_eq!(ga.devices, vec![(0, Some(GIB + 512 * MIB), Some(50.0)), (1, Some(256 * MIB), Some(10.0))]);
     let gb = worker(&s, "b").gpu.clone().expect("GPU figures for b");
-    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (3 * GIB, Some(30.0)), "graphics processes count too");
+    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (Some(3 * GIB), Some(30.0)), "graphics processes count too");
     let devices = s.gpus.as_ref().expect("devices");
     assert_eq!(devices.len(), 2);
     assert_eq!(
@@ -150,16 +150,30 @@ fn failures_degrade_without_fabricating() {
     let devices = s.gpus.as_ref().expect("NVML works");
     assert_eq!(devices.iter().map(|d| d.index).collect::<Vec<_>>(), vec![1], "the lost GPU is dropped");
     let ga = worker(&s, "a").gpu.clone().unwrap();
-    assert_eq!((ga.vram_bytes, ga.sm_util_pct), (0, None), "a is on no GPU now: no utilisation, no VRAM");
+    assert_eq!(
+        (ga.vram_bytes, ga.sm_util_pct),
+        (None, None),
+        "a is on no GPU that answers: it may be on the lost one, so neither figure is known"
+    );
     let gb = worker(&s, "b").gpu.clone().unwrap();
-    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (GIB, None), "VRAM known, utilisation not supported");
+    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (Some(GIB), None), "VRAM known, utilisation not supported");
 
     // Every device read, and b on none of them: a measured zero, which the reference's
     // idle test (`gpu_util_pct == 0.0`) relies on.
     f.write(json!({ "devices": [device(0, 20, json!([{ "pid": a1, "used_memory": GIB }]), json!([]))] }));
     let s = f.sampler().sample().unwrap();
     let gb = worker(&s, "b").gpu.clone().unwrap();
-    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (0, Some(0.0)), "b uses no GPU");
+    assert_eq!((gb.vram_bytes, gb.sm_util_pct), (Some(0), Some(0.0)), "b uses no GPU");
+
+    // A process whose memory the driver does not report: the worker's VRAM is not known,
+    // not the sum of the rest.
+    f.write(json!({ "devices": [device(0, 20, json!([{ "pid": a1, "used_memory": GIB }, { "pid": f.a[1].pid(), "used_memory": null }]), json!([]))] }));
+    let s = f.sampler().sample().unwrap();
+    assert_eq!(
+        worker(&s, "a").gpu.clone().unwrap().vram_bytes,
+        None,
+        "one of a's processes has no reported VRAM"
+    );
 
     // No library at all: GPU figures are absent, never zero; the collector says whether that
     // is because the host has no GPU (no NVIDIA driver loaded either) or NVML is missing.

@@ -343,7 +343,7 @@ pub fn registry(hb: &Heartbeat, own: SelfTotals) -> Registry {
         w_gpu.add(l(), pct(w.gpu_util_pct));
         for d in w.gpus.iter().flatten() {
             let i = d.device_index.to_string();
-            wd_vram.add(with(&[("device", &i)]), Some(d.vram_bytes as f64));
+            wd_vram.add(with(&[("device", &i)]), u(d.vram_bytes));
             wd_util.add(with(&[("device", &i)]), pct(d.sm_util_pct));
         }
         let p = &w.pressure;
