@@ -298,7 +298,9 @@ mod tests {
 
     #[test]
     fn malformed_endpoints_are_errors_at_start() {
-        for url in ["collector:4318", "ftp://collector", "https://collector", "http://bad host", "not a url", ""] {
+        for url in
+            ["collector:4318", "ftp://collector", "https://collector", "http://bad host", "not a url", ""]
+        {
             let e = Otlp::start(url, "h", Duration::from_secs(1)).err().expect(url).to_string();
             assert!(e.starts_with("otlp endpoint "), "{url:?}: {e}");
         }
