@@ -533,6 +533,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let _lock = SliceLock::take(&slice.dir())?;
     raise_fd_limit();
     let mut settings = Settings::resolve(&args, &config)?;
+    // Before the probes are loaded, so a malformed URL fails fast.
+    let otlp = match args.otlp_endpoint.as_ref().or(config.otlp_endpoint.as_ref()) {
+        Some(url) => Some(crate::sinks::otlp::Otlp::start(url, &hostname(), settings.timeout)?),
+        None => None,
+    };
     let api_token =
         args.api_token_file.as_ref().or(config.api_token_file.as_ref()).map(|p| read_token(p)).transpose()?;
     let options = SamplerOptions {
@@ -568,10 +573,6 @@ fn run(args: RunArgs) -> Result<(), Error> {
                     .unwrap_or(crate::record::DEFAULT_MAX_SIZE),
             },
         )?),
-        None => None,
-    };
-    let otlp = match args.otlp_endpoint.as_ref().or(config.otlp_endpoint.as_ref()) {
-        Some(url) => Some(crate::sinks::otlp::Otlp::start(url, &hostname(), settings.timeout)?),
         None => None,
     };
     crate::privilege::drop_unneeded()?;
