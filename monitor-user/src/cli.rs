@@ -189,9 +189,13 @@ struct RunArgs {
     /// File holding the bearer token for the coordinator (push mode).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Timeout of each request to the coordinator [default: 5s].
+    /// Timeout of each request to the coordinator or the OTLP collector [default: 5s].
     #[arg(long, value_parser = parse_interval)]
     timeout: Option<Duration>,
+    /// Also push each heartbeat's figures as OTLP metrics (HTTP/protobuf) to
+    /// `URL/v1/metrics`, e.g. `http://collector:4318`; each request times out after `--timeout`.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Where the pull API (/v1/heartbeat, /v1/heartbeats/stream, /v1/capabilities, /metrics,
     /// /healthz) listens;
     /// port 0 picks a free one [default: 127.0.0.1:7835].
@@ -529,6 +533,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let _lock = SliceLock::take(&slice.dir())?;
     raise_fd_limit();
     let mut settings = Settings::resolve(&args, &config)?;
+    // Before the probes are loaded, so a malformed URL fails fast.
+    let otlp = match args.otlp_endpoint.as_ref().or(config.otlp_endpoint.as_ref()) {
+        Some(url) => Some(crate::sinks::otlp::Otlp::start(url, &hostname(), settings.timeout)?),
+        None => None,
+    };
     let api_token =
         args.api_token_file.as_ref().or(config.api_token_file.as_ref()).map(|p| read_token(p)).transpose()?;
     let options = SamplerOptions {
@@ -619,6 +628,9 @@ fn run(args: RunArgs) -> Result<(), Error> {
         api.publish(Arc::clone(&heartbeat));
         if let Some(r) = &recorder {
             r.record(&heartbeat);
+        }
+        if let Some(o) = &otlp {
+            o.send(&heartbeat);
         }
         match &mut sink {
             Sink::Stdout(out) => match out.send(&heartbeat) {

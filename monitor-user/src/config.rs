@@ -28,6 +28,7 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "interval")]
     pub timeout: Option<Duration>,
+    pub otlp_endpoint: Option<String>,
     pub listen: Option<SocketAddr>,
     pub api_token_file: Option<PathBuf>,
     pub max_workers: Option<u32>,

@@ -88,6 +88,9 @@ pub enum Error {
     #[error("coordinator {url}: {reason}")]
     Coordinator { url: String, reason: String },
 
+    #[error("otlp endpoint {url}: {reason}")]
+    Otlp { url: String, reason: String },
+
     #[error("daemon pull API {url}: {reason}")]
     Pull { url: String, reason: String },
 
