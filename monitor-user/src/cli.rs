@@ -351,19 +351,17 @@ impl Signals {
             .map_err(|e| Error::io("signal handler", e))?;
         let me = Arc::new(Self { state: Mutex::new((false, false)), wake: Condvar::new() });
         let shared = Arc::clone(&me);
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for signal in incoming.forever() {
-                    let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                    match signal {
-                        SIGHUP => state.1 = true,
-                        _ => state.0 = true,
-                    }
-                    shared.wake.notify_all();
+        crate::privilege::spawn_unprivileged("signals", move || {
+            for signal in incoming.forever() {
+                let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                match signal {
+                    SIGHUP => state.1 = true,
+                    _ => state.0 = true,
                 }
-            })
-            .map_err(|e| Error::io("signal thread", e))?;
+                shared.wake.notify_all();
+            }
+        })
+        .map_err(|e| Error::io("signal thread", e))?;
         Ok(me)
     }
 
@@ -533,11 +531,6 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let _lock = SliceLock::take(&slice.dir())?;
     raise_fd_limit();
     let mut settings = Settings::resolve(&args, &config)?;
-    // Before the probes are loaded, so a malformed URL fails fast.
-    let otlp = match args.otlp_endpoint.as_ref().or(config.otlp_endpoint.as_ref()) {
-        Some(url) => Some(crate::sinks::otlp::Otlp::start(url, &hostname(), settings.timeout)?),
-        None => None,
-    };
     let api_token =
         args.api_token_file.as_ref().or(config.api_token_file.as_ref()).map(|p| read_token(p)).transpose()?;
     let options = SamplerOptions {
@@ -552,6 +545,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
 
     let mut sampler = Sampler::with_options(slice, options)?;
+    // Capabilities are per thread and inherited: dropped before any other thread starts
+    // (the helper threads then drop what is left, `privilege::spawn_unprivileged`).
+    crate::privilege::drop_unneeded()?;
+    let otlp = match args.otlp_endpoint.as_ref().or(config.otlp_endpoint.as_ref()) {
+        Some(url) => Some(crate::sinks::otlp::Otlp::start(url, &hostname(), settings.timeout)?),
+        None => None,
+    };
     let api = PullApi::start(args.listen.or(config.listen).unwrap_or_else(default_listen), api_token)?;
     log::info!(
         "watching {} every {}",
@@ -575,7 +575,6 @@ fn run(args: RunArgs) -> Result<(), Error> {
         )?),
         None => None,
     };
-    crate::privilege::drop_unneeded()?;
     let mut interval_ns = settings.interval.as_nanos() as u64;
     let mut server_status: Option<String> = None;
     let started = monotonic_ns();

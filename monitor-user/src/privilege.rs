@@ -50,6 +50,33 @@ pub fn drop_unneeded() -> Result<()> {
     Ok(())
 }
 
+/// Starts a thread named `name` that first gives up every capability. Capabilities belong to
+/// each thread: one started before `drop_unneeded` (the pull API binds before the probes
+/// load) would otherwise keep root's full set for the daemon's life. None of the daemon's
+/// helper threads needs any.
+pub fn spawn_unprivileged<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        if let Err(e) = drop_all() {
+            log::warn!("thread {:?} keeps its capabilities: {e}", std::thread::current().name());
+        }
+        f()
+    })
+}
+
+fn drop_all() -> std::result::Result<(), caps::errors::CapsError> {
+    caps::clear(None, CapSet::Ambient)?;
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set)?;
+    }
+    // SAFETY: prctl with constant arguments; it affects this thread only.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    Ok(())
+}
+
 /// Whether this kernel refuses any `bpf()` call without CAP_BPF: before 6.5 the check of
 /// `kernel.unprivileged_bpf_disabled` guarded the whole system call.
 fn every_bpf_call_needs_cap_bpf() -> bool {

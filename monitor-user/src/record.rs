@@ -347,9 +347,7 @@ impl Recorder {
         let (tx, rx) = mpsc::sync_channel::<Arc<Heartbeat>>(QUEUE);
         let (written, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let counts = (Arc::clone(&written), Arc::clone(&failed));
-        let thread = std::thread::Builder::new()
-            .name("record".into())
-            .spawn(move || write_loop(&dir, limits, &rx, &counts.0, &counts.1))
+        let thread = crate::privilege::spawn_unprivileged("record", move || write_loop(&dir, limits, &rx, &counts.0, &counts.1))
             .map_err(|e| Error::io("record thread", e))?;
         Ok(Self { tx: Some(tx), thread: Some(thread), written, failed })
     }

@@ -596,9 +596,13 @@ fn after_loading_the_probes_only_two_capabilities_are_left() {
     let dir = cg.mkdir("rbee.slice/llm/8080");
     let _load = Workload::start(HM_LOAD, &dir, &["busy", "1", "60"]);
     let root = cg.root.to_string_lossy().into_owned();
+    // Every helper thread running: the pull API, a stream announcer, the record, OTLP.
+    let record =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hm-caps-{}", std::process::id()));
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
     let mut child = Command::new(DAEMON)
         .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "200ms"])
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--record", record.to_str().unwrap(), "--otlp-endpoint", &nowhere])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -615,10 +619,31 @@ fn after_loading_the_probes_only_two_capabilities_are_left() {
     let kept = 1 << 2 | 1 << 19;
     let sets =
         [hex("CapEff:"), hex("CapPrm:"), hex("CapBnd:"), hex("CapInh:"), hex("CapAmb:"), hex("NoNewPrivs:")];
+    // Capabilities belong to each thread: every other thread of the daemon holds at most what
+    // the main one kept, and its own helper threads none.
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            let v = status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("0").trim();
+            u64::from_str_radix(v, 16).unwrap_or(u64::MAX)
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        threads.push((name, field("CapEff:"), field("CapPrm:")));
+    }
+    assert!(threads.len() > 3, "{threads:?}");
+    eprintln!("capabilities per thread: {threads:?}");
+    for (name, eff, prm) in &threads {
+        assert!(eff & !kept == 0 && prm & !kept == 0, "thread {name} holds more than was kept: {threads:?}");
+        if ["pull-api", "signals", "record", "otlp", "model-names"].contains(&name.as_str()) {
+            assert_eq!((*eff, *prm), (0, 0), "helper thread {name} holds capabilities: {threads:?}");
+        }
+    }
     // The maps are still read through the descriptors held: CPU keeps coming from the probes.
     let later = next();
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&record);
     assert_eq!(
         sets,
         [kept, kept, kept, 0, 0, 1],

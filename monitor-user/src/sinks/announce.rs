@@ -54,9 +54,7 @@ impl Announcer {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread = {
             let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name("announce".into())
-                .spawn(move || announce(&client, &url, &ready, &subscribers, &stop))
+            crate::privilege::spawn_unprivileged("announce", move || announce(&client, &url, &ready, &subscribers, &stop))
                 .map_err(|e| Error::io("announce thread", e))?
         };
         Ok(Self { stop, thread: Some(thread) })

@@ -95,9 +95,7 @@ impl PullApi {
             .enable_time()
             .build()
             .map_err(|e| api_err(e.to_string()))?;
-        std::thread::Builder::new()
-            .name("pull-api".into())
-            .spawn(move || {
+        crate::privilege::spawn_unprivileged("pull-api", move || {
                 runtime.block_on(async move {
                     let app = Router::new()
                         .route("/healthz", get(|| async { "ok\n" }))

@@ -59,9 +59,7 @@ impl Coordinator {
         let shared = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
         let thread = {
             let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("coordinator".into())
-                .spawn(move || deliver(&shared, &client, &url, token.as_deref()))
+            crate::privilege::spawn_unprivileged("coordinator", move || deliver(&shared, &client, &url, token.as_deref()))
                 .map_err(|e| Error::io("coordinator thread", e))?
         };
         Ok(Self { shared, thread: Some(thread) })

@@ -56,18 +56,22 @@ impl Otlp {
             return Err(err("only http:// URLs with a host are supported".into()));
         }
         let current = Current::default();
-        let provider = provider(&url, host_name, timeout, &current).map_err(err)?;
+        let host_name = host_name.to_string();
         let shared = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
         let thread = {
             let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("otlp".into())
-                .spawn(move || {
-                    deliver(&shared, &provider, &current, &url);
-                    // Nothing is observed now, so shutting down sends no stale figures.
-                    let _ = provider.shutdown();
-                })
-                .map_err(|e| Error::io("otlp thread", e))?
+            // The SDK starts a reader thread of its own: made from this one, which holds no
+            // capability by then.
+            crate::privilege::spawn_unprivileged("otlp", move || {
+                let provider = match provider(&url, &host_name, timeout, &current) {
+                    Ok(p) => p,
+                    Err(e) => return log::error!("OTLP export to {url} not started: {e}"),
+                };
+                deliver(&shared, &provider, &current, &url);
+                // Nothing is observed now, so shutting down sends no stale figures.
+                let _ = provider.shutdown();
+            })
+            .map_err(|e| Error::io("otlp thread", e))?
         };
         Ok(Self { shared, thread: Some(thread) })
     }

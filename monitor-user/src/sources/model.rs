@@ -24,9 +24,7 @@ impl ModelNames {
         let found = Arc::new(Mutex::new(HashMap::new()));
         let (requests, rx) = mpsc::channel::<ProcessKey>();
         let results = Arc::clone(&found);
-        std::thread::Builder::new()
-            .name("model-names".into())
-            .spawn(move || {
+        crate::privilege::spawn_unprivileged("model-names", move || {
                 for key in rx {
                     let model = read_cmdline(key.0).and_then(|args| model_from_args(&args));
                     results.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model);
