@@ -347,8 +347,10 @@ impl Recorder {
         let (tx, rx) = mpsc::sync_channel::<Arc<Heartbeat>>(QUEUE);
         let (written, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let counts = (Arc::clone(&written), Arc::clone(&failed));
-        let thread = crate::privilege::spawn_unprivileged("record", move || write_loop(&dir, limits, &rx, &counts.0, &counts.1))
-            .map_err(|e| Error::io("record thread", e))?;
+        let thread = crate::privilege::spawn_unprivileged("record", move || {
+            write_loop(&dir, limits, &rx, &counts.0, &counts.1)
+        })
+        .map_err(|e| Error::io("record thread", e))?;
         Ok(Self { tx: Some(tx), thread: Some(thread), written, failed })
     }
 

@@ -54,8 +54,10 @@ impl Announcer {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread = {
             let stop = Arc::clone(&stop);
-            crate::privilege::spawn_unprivileged("announce", move || announce(&client, &url, &ready, &subscribers, &stop))
-                .map_err(|e| Error::io("announce thread", e))?
+            crate::privilege::spawn_unprivileged("announce", move || {
+                announce(&client, &url, &ready, &subscribers, &stop)
+            })
+            .map_err(|e| Error::io("announce thread", e))?
         };
         Ok(Self { stop, thread: Some(thread) })
     }

@@ -96,28 +96,28 @@ impl PullApi {
             .build()
             .map_err(|e| api_err(e.to_string()))?;
         crate::privilege::spawn_unprivileged("pull-api", move || {
-                runtime.block_on(async move {
-                    let app = Router::new()
-                        .route("/healthz", get(|| async { "ok\n" }))
-                        .route("/v1/heartbeat", get(heartbeat))
-                        .route("/v1/capabilities", get(capabilities))
-                        .route("/metrics", get(metrics))
-                        .route("/v1/heartbeats/stream", get(stream))
-                        .layer(middleware::from_fn_with_state(token, require_token))
-                        .layer(middleware::from_fn(limit_headers))
-                        .layer(DefaultBodyLimit::max(MAX_BODY))
-                        .with_state(shared);
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            if let Err(e) = axum::serve(GuardedListener::new(l, WRITE_STALL), app).await {
-                                log::error!("pull API on {bound} stopped: {e}");
-                            }
+            runtime.block_on(async move {
+                let app = Router::new()
+                    .route("/healthz", get(|| async { "ok\n" }))
+                    .route("/v1/heartbeat", get(heartbeat))
+                    .route("/v1/capabilities", get(capabilities))
+                    .route("/metrics", get(metrics))
+                    .route("/v1/heartbeats/stream", get(stream))
+                    .layer(middleware::from_fn_with_state(token, require_token))
+                    .layer(middleware::from_fn(limit_headers))
+                    .layer(DefaultBodyLimit::max(MAX_BODY))
+                    .with_state(shared);
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(GuardedListener::new(l, WRITE_STALL), app).await {
+                            log::error!("pull API on {bound} stopped: {e}");
                         }
-                        Err(e) => log::error!("pull API on {bound}: {e}"),
                     }
-                })
+                    Err(e) => log::error!("pull API on {bound}: {e}"),
+                }
             })
-            .map_err(|e| api_err(e.to_string()))?;
+        })
+        .map_err(|e| api_err(e.to_string()))?;
         log::info!("pull API on http://{bound}");
         Ok(Self { shared: kept, addr: bound })
     }

@@ -59,8 +59,10 @@ impl Coordinator {
         let shared = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
         let thread = {
             let shared = Arc::clone(&shared);
-            crate::privilege::spawn_unprivileged("coordinator", move || deliver(&shared, &client, &url, token.as_deref()))
-                .map_err(|e| Error::io("coordinator thread", e))?
+            crate::privilege::spawn_unprivileged("coordinator", move || {
+                deliver(&shared, &client, &url, token.as_deref())
+            })
+            .map_err(|e| Error::io("coordinator thread", e))?
         };
         Ok(Self { shared, thread: Some(thread) })
     }

@@ -25,12 +25,12 @@ impl ModelNames {
         let (requests, rx) = mpsc::channel::<ProcessKey>();
         let results = Arc::clone(&found);
         crate::privilege::spawn_unprivileged("model-names", move || {
-                for key in rx {
-                    let model = read_cmdline(key.0).and_then(|args| model_from_args(&args));
-                    results.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model);
-                }
-            })
-            .expect("spawn the model-name thread");
+            for key in rx {
+                let model = read_cmdline(key.0).and_then(|args| model_from_args(&args));
+                results.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model);
+            }
+        })
+        .expect("spawn the model-name thread");
         Self { found, requests, asked: HashSet::new() }
     }
 
