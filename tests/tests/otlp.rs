@@ -135,18 +135,72 @@ fn expected(hb: &Value) -> Points {
     };
     put("rbee.hive.heartbeat.seq", &[], hb["seq"].as_f64());
     put("system.cpu.utilization", &[], hb["hive"]["cpu_usage_percent"].as_f64().map(|p| p / 100.0));
+    let own = &hb["collector"]["self"];
+    let interval_ms = hb["interval_ms"].as_f64().unwrap();
+    put("rbee.monitor.cpu.usage", &[], own["cpu_s"].as_f64().map(|s| s * 1000.0 / interval_ms));
+    put("rbee.monitor.memory.usage", &[], own["rss_bytes"].as_f64());
+    for (reason, n) in hb["collector"]["probes"].as_object().unwrap() {
+        put("rbee.monitor.probe.losses", &[("rbee.loss.reason", reason.clone())], n.as_f64());
+    }
     for w in hb["workers"].as_array().unwrap() {
         let worker = [
             ("rbee.worker.group", w["group"].as_str().unwrap().to_string()),
             ("rbee.worker.instance", w["instance"].as_str().unwrap().to_string()),
         ];
-        put("container.cpu.time", &worker, w["cpu_ns_total"].as_u64().map(|ns| ns as f64 / 1e9));
-        put("container.cpu.usage", &worker, w["cpu_pct"].as_f64().map(|p| p / 100.0));
-        put("container.memory.usage", &worker, w["memory"]["current_bytes"].as_u64().map(|b| b as f64));
-        for (direction, field) in [("read", "io_read_bytes_total"), ("write", "io_write_bytes_total")] {
+        let secs = |v: &Value| v.as_u64().map(|ns| ns as f64 / 1e9);
+        let share = |v: &Value| v.as_f64().map(|p| p / 100.0);
+        let count = |v: &Value| v.as_u64().map(|n| n as f64);
+        let with = |key: &'static str, value: &str| {
             let mut attrs = worker.to_vec();
-            attrs.push(("disk.io.direction", direction.to_string()));
-            put("container.disk.io", &attrs, w[field].as_u64().map(|b| b as f64));
+            attrs.push((key, value.to_string()));
+            attrs
+        };
+        put("container.cpu.time", &worker, secs(&w["cpu_ns_total"]));
+        put("container.cpu.usage", &worker, share(&w["cpu_pct"]));
+        put("rbee.worker.cpu.runq_wait.time", &worker, secs(&w["runq_wait_ns_total"]));
+        put("rbee.worker.cpu.runq_wait.usage", &worker, share(&w["runq_wait_pct"]));
+        put("rbee.worker.cpu.runq_waits", &worker, count(&w["runq_waits_total"]));
+        for kind in ["voluntary", "involuntary"] {
+            let attrs = with("process.context_switch.type", kind);
+            put("rbee.worker.context_switches", &attrs, count(&w[format!("ctx_switches_{kind}_total")]));
+        }
+        put("rbee.worker.processes", &worker, count(&w["processes"]));
+        for (event, field) in
+            [("fork", "processes_forked_total"), ("exec", "execs_total"), ("exit", "processes_exited_total")]
+        {
+            put("rbee.worker.process.events", &with("rbee.process.event", event), count(&w[field]));
+        }
+        for direction in ["read", "write"] {
+            let storage = &w[format!("io_{direction}_bytes_total")];
+            put("container.disk.io", &with("disk.io.direction", direction), count(storage));
+            let syscall = &w[format!("io_syscall_{direction}_bytes_total")];
+            put("rbee.worker.io.syscall", &with("rbee.io.direction", direction), count(syscall));
+        }
+        let memory = &w["memory"];
+        put("container.memory.usage", &worker, count(&memory["current_bytes"]));
+        for kind in ["anon", "file"] {
+            put(
+                "rbee.worker.memory.usage",
+                &with("rbee.memory.type", kind),
+                count(&memory[format!("{kind}_bytes")]),
+            );
+        }
+        put("rbee.worker.memory.peak", &worker, count(&memory["peak_bytes"]));
+        put("rbee.worker.memory.limit", &worker, count(&memory["limit_bytes"]));
+        put("rbee.worker.memory.oom_kills", &worker, count(&memory["oom_kills"]));
+        for resource in ["cpu", "memory", "io"] {
+            for scope in ["some", "full"] {
+                let stall = &w["pressure"][resource];
+                let mut attrs = with("rbee.pressure.resource", resource);
+                attrs.push(("rbee.pressure.scope", scope.to_string()));
+                put("rbee.worker.pressure.stall.time", &attrs, secs(&stall[format!("{scope}_ns_total")]));
+                put("rbee.worker.pressure.stall.utilization", &attrs, share(&stall[format!("{scope}_pct")]));
+            }
+        }
+        for d in w["gpus"].as_array().into_iter().flatten() {
+            let attrs = with("rbee.gpu.index", &d["device_index"].to_string());
+            put("rbee.worker.gpu.utilization", &attrs, share(&d["sm_util_pct"]));
+            put("rbee.worker.gpu.memory.usage", &attrs, count(&d["vram_bytes"]));
         }
     }
     for d in hb["hive"]["vram_per_device"].as_array().into_iter().flatten() {
@@ -218,7 +272,17 @@ fn every_export_equals_its_heartbeat() {
         assert_eq!(resource["service.name"], "hive-monitor");
         assert_eq!(resource["host.name"], hb["hive"]["hostname"].as_str().unwrap());
         let want = expected(hb);
-        assert!(want.keys().any(|(name, _)| name == "container.cpu.time"), "{hb}");
+        // The figures this worker must have: a test that cannot see them proves nothing.
+        for name in [
+            "container.cpu.time",
+            "rbee.worker.cpu.runq_wait.time",
+            "rbee.worker.context_switches",
+            "rbee.worker.process.events",
+            "rbee.worker.io.syscall",
+            "rbee.worker.pressure.stall.time",
+        ] {
+            assert!(want.keys().any(|(n, _)| n == name), "no {name} in heartbeat {seq}: {hb}");
+        }
         assert_eq!(points, want, "heartbeat {seq}");
         compared.push(seq);
     }

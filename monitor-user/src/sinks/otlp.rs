@@ -12,7 +12,7 @@ use std::{
 };
 
 use opentelemetry::{
-    metrics::{Meter, MeterProvider as _},
+    metrics::{AsyncInstrument, Meter, MeterProvider as _},
     KeyValue,
 };
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -23,7 +23,7 @@ use opentelemetry_sdk::{
 
 use crate::{
     error::{Error, Result},
-    heartbeat::{Heartbeat, Worker},
+    heartbeat::{Heartbeat, PressureStall, Worker},
 };
 
 /// The reader's own timer would export a heartbeat twice; exports are triggered per
@@ -165,11 +165,31 @@ fn deliver(shared: &(Mutex<Slot>, Condvar), provider: &SdkMeterProvider, current
     }
 }
 
-fn worker_attributes(w: &Worker) -> [KeyValue; 2] {
-    [
-        KeyValue::new("rbee.worker.group", w.group.clone()),
-        KeyValue::new("rbee.worker.instance", w.instance.clone()),
-    ]
+/// A worker figure's data points: `put(value, attributes beyond the worker's)` for each one
+/// that is not null.
+type WorkerPoints<T> = fn(&Worker, &mut dyn FnMut(T, &[KeyValue]));
+
+/// The callback of a worker instrument: every worker's points in the heartbeat being exported,
+/// each with the worker's attributes first.
+fn each_worker<T: 'static>(
+    current: &Current,
+    points: WorkerPoints<T>,
+) -> impl Fn(&dyn AsyncInstrument<T>) + Send + Sync + 'static {
+    let c = Arc::clone(current);
+    move |o| {
+        with_current(&c, |h| {
+            for w in &h.workers {
+                let worker = [
+                    KeyValue::new("rbee.worker.group", w.group.clone()),
+                    KeyValue::new("rbee.worker.instance", w.instance.clone()),
+                ];
+                points(w, &mut |v, extra| {
+                    let attributes: Vec<KeyValue> = worker.iter().chain(extra).cloned().collect();
+                    o.observe(v, &attributes)
+                })
+            }
+        })
+    }
 }
 
 /// Calls `f` with the heartbeat being exported, if any.
@@ -179,8 +199,32 @@ fn with_current(current: &Current, f: impl FnOnce(&Heartbeat)) {
     }
 }
 
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// `(attribute value, figure)` pairs as points with `key`, skipping the null ones.
+fn put_each<T>(
+    put: &mut dyn FnMut(T, &[KeyValue]),
+    key: &'static str,
+    figures: impl IntoIterator<Item = (&'static str, Option<T>)>,
+) {
+    for (value, figure) in figures {
+        if let Some(v) = figure {
+            put(v, &[KeyValue::new(key, value)])
+        }
+    }
+}
+
 /// The instruments; README "OpenTelemetry (OTLP)" lists them.
 fn register(meter: &Meter, current: &Current) {
+    register_hive(meter, current);
+    register_worker_cpu(meter, current);
+    register_worker_io_memory(meter, current);
+    register_worker_pressure_gpu(meter, current);
+}
+
+fn register_hive(meter: &Meter, current: &Current) {
     let c = Arc::clone(current);
     meter
         .u64_observable_gauge("rbee.hive.heartbeat.seq")
@@ -203,63 +247,41 @@ fn register(meter: &Meter, current: &Current) {
         .build();
     let c = Arc::clone(current);
     meter
-        .f64_observable_counter("container.cpu.time")
-        .with_description("CPU time of the worker's cgroup, cumulative")
-        .with_unit("s")
-        .with_callback(move |o| {
-            with_current(&c, |h| {
-                for w in &h.workers {
-                    o.observe(w.cpu_ns_total as f64 / 1e9, &worker_attributes(w))
-                }
-            })
-        })
-        .build();
-    let c = Arc::clone(current);
-    meter
-        .f64_observable_gauge("container.cpu.usage")
-        .with_description("CPUs the worker used over the interval (1 = one CPU busy)")
+        .f64_observable_gauge("rbee.monitor.cpu.usage")
+        .with_description("CPUs the monitor itself used over the interval")
         .with_unit("{cpu}")
         .with_callback(move |o| {
             with_current(&c, |h| {
-                for w in &h.workers {
-                    if let Some(p) = w.cpu_pct {
-                        o.observe(p / 100.0, &worker_attributes(w))
-                    }
+                if h.interval_ms > 0.0 {
+                    o.observe(h.collector.self_cost.cpu_s * 1000.0 / h.interval_ms, &[])
                 }
             })
         })
         .build();
     let c = Arc::clone(current);
     meter
-        .u64_observable_gauge("container.memory.usage")
-        .with_description("Memory charged to the worker")
+        .u64_observable_gauge("rbee.monitor.memory.usage")
+        .with_description("Resident memory of the monitor itself")
         .with_unit("By")
-        .with_callback(move |o| {
-            with_current(&c, |h| {
-                for w in &h.workers {
-                    if let Some(m) = &w.memory {
-                        o.observe(m.current_bytes, &worker_attributes(w))
-                    }
-                }
-            })
-        })
+        .with_callback(move |o| with_current(&c, |h| o.observe(h.collector.self_cost.rss_bytes, &[])))
         .build();
     let c = Arc::clone(current);
     meter
-        .u64_observable_counter("container.disk.io")
-        .with_description("Storage-level bytes the worker read and wrote, cumulative")
-        .with_unit("By")
+        .u64_observable_counter("rbee.monitor.probe.losses")
+        .with_description(
+            "Events the probes could not account, cumulative; non-zero means a figure is incomplete",
+        )
+        .with_unit("{event}")
         .with_callback(move |o| {
             with_current(&c, |h| {
-                for w in &h.workers {
-                    for (direction, bytes) in
-                        [("read", w.io_read_bytes_total), ("write", w.io_write_bytes_total)]
-                    {
-                        if let Some(bytes) = bytes {
-                            let [g, i] = worker_attributes(w);
-                            o.observe(bytes, &[g, i, KeyValue::new("disk.io.direction", direction)])
-                        }
-                    }
+                let p = &h.collector.probes;
+                for (reason, n) in [
+                    ("workers_map_full", p.workers_map_full),
+                    ("read_errors", p.read_errors),
+                    ("nested_too_deep", p.nested_too_deep),
+                    ("events_lost", p.events_lost),
+                ] {
+                    o.observe(n, &[KeyValue::new("rbee.loss.reason", reason)])
                 }
             })
         })
@@ -294,6 +316,233 @@ fn register(meter: &Meter, current: &Current) {
             })
             .build();
     }
+}
+
+fn register_worker_cpu(meter: &Meter, current: &Current) {
+    meter
+        .f64_observable_counter("container.cpu.time")
+        .with_description("CPU time of the worker's cgroup, cumulative")
+        .with_unit("s")
+        .with_callback(each_worker(current, |w, put| put(seconds(w.cpu_ns_total), &[])))
+        .build();
+    meter
+        .f64_observable_gauge("container.cpu.usage")
+        .with_description("CPUs the worker used over the interval (1 = one CPU busy)")
+        .with_unit("{cpu}")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(p) = w.cpu_pct {
+                put(p / 100.0, &[])
+            }
+        }))
+        .build();
+    meter
+        .f64_observable_counter("rbee.worker.cpu.runq_wait.time")
+        .with_description("Time the worker's tasks were runnable but not running, cumulative")
+        .with_unit("s")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(ns) = w.runq_wait_ns_total {
+                put(seconds(ns), &[])
+            }
+        }))
+        .build();
+    meter
+        .f64_observable_gauge("rbee.worker.cpu.runq_wait.usage")
+        .with_description("Tasks of the worker waiting to run, on average over the interval")
+        .with_unit("{task}")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(p) = w.runq_wait_pct {
+                put(p / 100.0, &[])
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_counter("rbee.worker.cpu.runq_waits")
+        .with_description("Times the worker's tasks waited to run, cumulative")
+        .with_unit("{wait}")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(n) = w.runq_waits_total {
+                put(n, &[])
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_counter("rbee.worker.context_switches")
+        .with_description("Context switches of the worker's tasks, cumulative")
+        .with_unit("{switch}")
+        .with_callback(each_worker(current, |w, put| {
+            put_each(
+                put,
+                "process.context_switch.type",
+                [
+                    ("voluntary", w.ctx_switches_voluntary_total),
+                    ("involuntary", w.ctx_switches_involuntary_total),
+                ],
+            )
+        }))
+        .build();
+    meter
+        .u64_observable_gauge("rbee.worker.processes")
+        .with_description("Processes in the worker's cgroup")
+        .with_unit("{process}")
+        .with_callback(each_worker(current, |w, put| put(w.processes as u64, &[])))
+        .build();
+    meter
+        .u64_observable_counter("rbee.worker.process.events")
+        .with_description(
+            "Processes the worker's tasks forked, programs they exec'd, processes that ended, cumulative",
+        )
+        .with_unit("{event}")
+        .with_callback(each_worker(current, |w, put| {
+            put_each(
+                put,
+                "rbee.process.event",
+                [
+                    ("fork", w.processes_forked_total),
+                    ("exec", w.execs_total),
+                    ("exit", w.processes_exited_total),
+                ],
+            )
+        }))
+        .build();
+}
+
+fn register_worker_io_memory(meter: &Meter, current: &Current) {
+    meter
+        .u64_observable_counter("container.disk.io")
+        .with_description("Storage-level bytes the worker read and wrote, cumulative")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            put_each(
+                put,
+                "disk.io.direction",
+                [("read", w.io_read_bytes_total), ("write", w.io_write_bytes_total)],
+            )
+        }))
+        .build();
+    meter
+        .u64_observable_counter("rbee.worker.io.syscall")
+        .with_description("Bytes the worker's read- and write-type system calls moved, cumulative")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            put_each(
+                put,
+                "rbee.io.direction",
+                [("read", w.io_syscall_read_bytes_total), ("write", w.io_syscall_write_bytes_total)],
+            )
+        }))
+        .build();
+    meter
+        .u64_observable_gauge("container.memory.usage")
+        .with_description("Memory charged to the worker")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(m) = &w.memory {
+                put(m.current_bytes, &[])
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_gauge("rbee.worker.memory.usage")
+        .with_description("Memory charged to the worker, by type")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(m) = &w.memory {
+                put_each(put, "rbee.memory.type", [("anon", m.anon_bytes), ("file", m.file_bytes)])
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_gauge("rbee.worker.memory.peak")
+        .with_description("Most memory charged to the worker at once")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(b) = w.memory.as_ref().and_then(|m| m.peak_bytes) {
+                put(b, &[])
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_gauge("rbee.worker.memory.limit")
+        .with_description("The worker's memory limit")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(b) = w.memory.as_ref().and_then(|m| m.limit_bytes) {
+                put(b, &[])
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_counter("rbee.worker.memory.oom_kills")
+        .with_description("Processes of the worker the OOM killer ended, cumulative")
+        .with_unit("{process}")
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(n) = w.memory.as_ref().and_then(|m| m.oom_kills) {
+                put(n, &[])
+            }
+        }))
+        .build();
+}
+
+/// Each `(resource, scope, figure)` of a worker's pressure that is not null.
+fn stalls<T>(w: &Worker, figure: fn(&PressureStall) -> [Option<T>; 2], put: &mut dyn FnMut(T, &[KeyValue])) {
+    let p = &w.pressure;
+    for (resource, stall) in [("cpu", &p.cpu), ("memory", &p.memory), ("io", &p.io)] {
+        let Some(stall) = stall else { continue };
+        for (scope, v) in ["some", "full"].into_iter().zip(figure(stall)) {
+            if let Some(v) = v {
+                put(
+                    v,
+                    &[
+                        KeyValue::new("rbee.pressure.resource", resource),
+                        KeyValue::new("rbee.pressure.scope", scope),
+                    ],
+                )
+            }
+        }
+    }
+}
+
+fn register_worker_pressure_gpu(meter: &Meter, current: &Current) {
+    meter
+        .f64_observable_counter("rbee.worker.pressure.stall.time")
+        .with_description("Time the worker's tasks were stalled on a resource (some: at least one; full: all at once), cumulative")
+        .with_unit("s")
+        .with_callback(each_worker(current, |w, put| {
+            stalls(w, |s| [s.some_ns_total.map(seconds), s.full_ns_total.map(seconds)], put)
+        }))
+        .build();
+    meter
+        .f64_observable_gauge("rbee.worker.pressure.stall.utilization")
+        .with_description("Share of the interval the worker's tasks were stalled on a resource")
+        .with_unit("1")
+        .with_callback(each_worker(current, |w, put| {
+            stalls(w, |s| [s.some_pct.map(|p| p / 100.0), s.full_pct.map(|p| p / 100.0)], put)
+        }))
+        .build();
+    meter
+        .f64_observable_gauge("rbee.worker.gpu.utilization")
+        .with_description("Mean SM utilisation of the worker's processes on a GPU over the interval")
+        .with_unit("1")
+        .with_callback(each_worker(current, |w, put| {
+            for d in w.gpus.iter().flatten() {
+                if let Some(p) = d.sm_util_pct {
+                    put(p / 100.0, &[KeyValue::new("rbee.gpu.index", i64::from(d.device_index))])
+                }
+            }
+        }))
+        .build();
+    meter
+        .u64_observable_gauge("rbee.worker.gpu.memory.usage")
+        .with_description("GPU memory the worker's processes use on a GPU")
+        .with_unit("By")
+        .with_callback(each_worker(current, |w, put| {
+            for d in w.gpus.iter().flatten() {
+                if let Some(b) = d.vram_bytes {
+                    put(b, &[KeyValue::new("rbee.gpu.index", i64::from(d.device_index))])
+                }
+            }
+        }))
+        .build();
 }
 
 #[cfg(test)]
