@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(hb) = monitor_user::queen::parse_heartbeat(data) {
+    if let Ok(hb) = monitor_coordinator::parse_heartbeat(data) {
         serde_json::to_vec(&hb).expect("an accepted heartbeat serialises");
     }
 });

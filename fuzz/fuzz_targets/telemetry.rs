@@ -2,7 +2,7 @@
 //! accepts must also serialise again and answer its filters.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use monitor_user::{queen::Facts, rbee::HiveEvent};
+use monitor_wire::{filter::Facts, rbee::HiveEvent};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(event) = serde_json::from_slice::<HiveEvent>(data) {

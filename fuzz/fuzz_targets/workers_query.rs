@@ -2,7 +2,7 @@
 #![no_main]
 use axum::{extract::Query, http::Uri};
 use libfuzzer_sys::fuzz_target;
-use monitor_user::queen::WorkerFilter;
+use monitor_wire::filter::WorkerFilter;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(query) = std::str::from_utf8(data) else { return };

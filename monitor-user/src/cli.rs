@@ -8,14 +8,14 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
+use monitor_config::{parse_interval, parse_retention, parse_size, Config, Protocol, MAX_WORKERS_LIMIT};
+use monitor_wire::rbee::Ready;
 
 use crate::{
-    config::{parse_interval, Config, Protocol},
     error::Error,
-    heartbeat::{Heartbeat, HiveIdentity},
+    heartbeat::{self, HiveIdentity},
     lock::SliceLock,
     probes::{monotonic_ns, MapSizes},
-    rbee::Ready,
     sampler::{BpfMode, Sampler, SamplerOptions},
     sinks::{announce::Announcer, api::PullApi, coordinator::Coordinator, stdout::Stdout},
     sources::cgroup::{self, Slice},
@@ -118,7 +118,7 @@ struct SpawnArgs {
     #[arg(long)]
     instance: String,
     /// Memory limit: `512M`, `8G`, … (binary units).
-    #[arg(long, value_parser = spawn::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     memory_max: Option<u64>,
     /// CPU limit in cores: `0.5`, `2`, …
     #[arg(long, value_parser = spawn::parse_cores)]
@@ -206,16 +206,16 @@ struct RunArgs {
     api_token_file: Option<PathBuf>,
     /// Workers the kernel keeps counters for; beyond it a worker's probed figures are null
     /// and collector.probes.workers_map_full counts the lost events [default: 4096].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_WORKERS_LIMIT)))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_WORKERS_LIMIT)))]
     max_workers: Option<u32>,
     /// Keep every heartbeat in a record under this directory (`hive-monitor replay`).
     #[arg(long, value_name = "DIR")]
     record: Option<PathBuf>,
     /// Drop recorded heartbeats older than this: `7d`, `12h`, … [default: 7d].
-    #[arg(long, value_parser = crate::record::parse_retention)]
+    #[arg(long, value_parser = parse_retention)]
     record_retention: Option<Duration>,
     /// Drop the oldest recorded heartbeats beyond this size on disk: `1G`, `500M`, … [default: 1G].
-    #[arg(long, value_parser = spawn::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     record_max_size: Option<u64>,
     /// Do not load the probes (also the fallback when they cannot be loaded): CPU from each
     /// worker's cpu.stat; run-queue wait and context switches are then unavailable.
@@ -236,18 +236,7 @@ enum Sink {
 }
 
 fn read_token(path: &std::path::Path) -> Result<String, Error> {
-    let token = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let token = token.trim();
-    if token.is_empty() || token.contains(['\r', '\n']) {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "the token file must hold one non-empty line",
-            ),
-        ));
-    }
-    Ok(token.to_string())
+    monitor_coordinator::http::read_token_file(path).map_err(|e| Error::io(path, e))
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -275,10 +264,10 @@ pub fn main() -> ExitCode {
         .map(|()| 0),
         Command::Coordinator(args) => {
             let token = args.token_file.as_deref().map(read_token).transpose();
-            token.and_then(|token| crate::queen::run(args.listen, token)).map(|()| 0)
+            token.and_then(|token| Ok(monitor_coordinator::run(args.listen, token)?)).map(|()| 0)
         }
         Command::Schema => {
-            println!("{:#}", crate::heartbeat::schema());
+            println!("{:#}", crate::heartbeat::schema().as_value());
             Ok(0)
         }
     };
@@ -492,7 +481,10 @@ fn reload(
     let Some(path) = &args.cgroup.config else {
         return log::info!("SIGHUP: no --config file to read again");
     };
-    let new = match Config::load(path).and_then(|c| Settings::resolve(args, &c).map(|s| (c, s))) {
+    let new = match Config::load(path)
+        .map_err(Error::from)
+        .and_then(|c| Settings::resolve(args, &c).map(|s| (c, s)))
+    {
         Ok(new) => new,
         Err(e) => return log::error!("SIGHUP: {e}; keeping the running settings"),
     };
@@ -610,7 +602,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             }
         };
         let sample = sampler.sample()?;
-        let mut heartbeat = Heartbeat::new(&sample, &hive, (sample.at_ns - started) / 1_000_000_000);
+        let mut heartbeat = heartbeat::format(&sample, &hive, (sample.at_ns - started) / 1_000_000_000);
         if stopping {
             heartbeat.hive.operational_status = "stopping".into();
         }
@@ -663,11 +655,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
 
 /// A push coordinator's acknowledgement: its status logged when it changes, and the interval
 /// it asks for taken when within `ACK_INTERVAL_MS`. Returns the interval to keep.
-fn follow_ack(
-    ack: crate::sinks::coordinator::Ack,
-    interval_ns: u64,
-    server_status: &mut Option<String>,
-) -> u64 {
+fn follow_ack(ack: monitor_wire::ack::Ack, interval_ns: u64, server_status: &mut Option<String>) -> u64 {
     if ack.server_status.is_some() && ack.server_status != *server_status {
         log::info!("coordinator status: {}", ack.server_status.as_deref().unwrap_or("?"));
         *server_status = ack.server_status;

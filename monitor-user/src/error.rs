@@ -79,14 +79,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("config {path}: {reason}")]
-    Config { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Config(#[from] monitor_config::ConfigError),
 
     #[error("pull API on {addr}: {reason}")]
     Api { addr: std::net::SocketAddr, reason: String },
 
     #[error("coordinator {url}: {reason}")]
     Coordinator { url: String, reason: String },
+
+    /// `hive-monitor coordinator`, the reference coordinator.
+    #[error(transparent)]
+    ReferenceCoordinator(#[from] monitor_coordinator::Error),
 
     #[error("otlp endpoint {url}: {reason}")]
     Otlp { url: String, reason: String },

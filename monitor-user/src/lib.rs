@@ -1,16 +1,15 @@
 //! hive-monitor's loader and daemon. Data flows one way:
-//! `probes` (kernel) and `sources` (files) → `sampler` (merge, rates) → `heartbeat` (model)
-//! → `sinks` (output) and `top` (a live view).
+//! `probes` (kernel) and `sources` (files) → `sampler` (collects readings) → `sample` (merges,
+//! decides rates and nulls) → `heartbeat` (formats the wire record of `monitor-wire`) →
+//! `sinks` (output) and `top` (a live view).
 pub mod cli;
-pub mod config;
 pub mod error;
 pub mod heartbeat;
 pub mod lock;
 pub mod privilege;
 pub mod probes;
-pub mod queen;
-pub mod rbee;
 pub mod record;
+pub mod sample;
 pub mod sampler;
 pub mod sinks;
 pub mod sources;

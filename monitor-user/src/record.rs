@@ -490,15 +490,6 @@ pub fn parse_time(s: &str, now: SystemTime) -> std::result::Result<SystemTime, S
         .map_err(|e| format!("`{s}`: {e} (examples: 2026-11-24T10:00:00Z, 10 min ago)"))
 }
 
-/// A retention written as text: `7d`, `12h`, … (at least one second).
-pub fn parse_retention(s: &str) -> std::result::Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (examples: 7d, 12h)"))?;
-    if d < Duration::from_secs(1) {
-        return Err(format!("`{s}` is shorter than a second"));
-    }
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,8 +635,6 @@ mod tests {
         for bad in ["yesterday", "10 parsecs ago", "2027-13-01T00:00:00Z", ""] {
             assert!(parse_time(bad, now).is_err(), "{bad:?}");
         }
-        assert_eq!(parse_retention("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_retention("0s").is_err() && parse_retention("forever").is_err());
     }
 
     #[test]

@@ -379,26 +379,6 @@ impl User {
     }
 }
 
-/// Parses `512M`, `8G`, `1.5G`, `1048576` (binary units, an optional `i` and `B`).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
-    let t = t.strip_suffix('i').unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (examples: 512M, 8G)"))?;
-    let bytes = value * (1u64 << shift) as f64;
-    if value.is_nan() || value <= 0.0 || !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(format!("`{s}` is not a positive size below 16 EiB"));
-    }
-    Ok(bytes as u64)
-}
-
 /// Parses a CPU limit in cores (`0.5`, `2`), at least 1 ms per 100 ms period.
 pub fn parse_cores(s: &str) -> Result<f64, String> {
     let cores: f64 =
@@ -420,18 +400,6 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("8G"), Ok(8 << 30));
-        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        for bad in ["", "G", "-1G", "0", "abc", "1e30T", "NaN"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn cores_and_env() {

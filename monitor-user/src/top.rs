@@ -19,7 +19,7 @@ use ratatui::{
 
 use crate::{
     error::{Error, Result},
-    heartbeat::{Heartbeat, HiveIdentity, Worker},
+    heartbeat::{self, Heartbeat, HiveIdentity, Worker},
     probes::monotonic_ns,
     record::Reader,
     sampler::{BpfMode, Sampler, SamplerOptions},
@@ -486,7 +486,7 @@ pub fn run(slice: Slice, listen: &str, interval: Duration, identity: HiveIdentit
             let heartbeat = match &mut own {
                 Some((sampler, started)) => sampler
                     .sample()
-                    .map(|s| Heartbeat::new(&s, &identity, (s.at_ns - *started) / 1_000_000_000)),
+                    .map(|s| heartbeat::format(&s, &identity, (s.at_ns - *started) / 1_000_000_000)),
                 None => fetch(&client, &url),
             };
             match heartbeat {
@@ -544,7 +544,7 @@ mod tests {
             cgroup: format!("/rbee.slice/{group}/{instance}"),
             cgroup_id: 1,
             processes: 1,
-            cpu_ns_total: 0,
+            cpu_ns_total: Some(0),
             runq_wait_pct: Some(runq),
             runq_wait_ns_total: Some(0),
             runq_waits_total: Some(0),

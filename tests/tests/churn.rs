@@ -89,14 +89,14 @@ fn workers_and_processes_come_and_go() {
         }
         for dir in &dirs {
             let w = sample.workers.iter().find(|w| w.cgroup.dir == *dir).expect("worker in the sample");
-            let (ours, kernel) = (w.counters.cpu_ns, cpu_stat_ns(dir));
+            let (ours, kernel) = (w.totals.cpu_ns.unwrap(), cpu_stat_ns(dir));
             assert!(
                 ours.abs_diff(kernel) <= kernel / 200 + START_SLACK_NS,
                 "{} (id {}): {ours} vs cpu.stat {kernel}",
                 dir.display(),
                 w.cgroup.id
             );
-            assert_eq!(w.counters.processes_forked, FORKS_PER_WORKER as u64);
+            assert_eq!(w.totals.processes_forked.unwrap(), FORKS_PER_WORKER as u64);
             checked += 1;
         }
         for dir in &dirs {
@@ -163,7 +163,7 @@ fn workers_vanishing_mid_sample_are_skipped() {
         samples += 1;
         seen_flicker += sample.workers.iter().filter(|w| w.cgroup.group == "flicker").count();
         let w = sample.workers.iter().find(|w| w.cgroup.instance == "steady").expect("the steady worker");
-        assert!(w.cpu_pct.is_some() && w.memory.is_some() && w.pid.is_some(), "all its figures: {w:?}");
+        assert!(w.cpu_pct().is_some() && w.memory.is_some() && w.pid.is_some(), "all its figures: {w:?}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let made = flicker.join().unwrap();

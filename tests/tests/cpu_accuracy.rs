@@ -6,7 +6,8 @@ use std::{sync::Mutex, time::Duration};
 use hive_monitor_tests::*;
 use monitor_user::{
     probes::Probes,
-    sampler::{BpfMode, Sample, Sampler, SamplerOptions, WorkerSample},
+    sample::{Sample, WorkerSample},
+    sampler::{BpfMode, Sampler, SamplerOptions},
     sources::cgroup::Slice,
 };
 
@@ -88,7 +89,7 @@ fn accuracy_in(
         thaw(&dir);
 
         let w = worker(&sample, "8080");
-        let ours = w.cpu_pct.expect("cpu_pct present");
+        let ours = w.cpu_pct().expect("cpu_pct present");
         // Over the worker's own interval, the one its cpu_pct covers.
         let kernel = (kernel_ns - prev) as f64 * 100.0 / (w.at_ns - prev_at) as f64;
         let error = ours - kernel;
@@ -97,7 +98,7 @@ fn accuracy_in(
         // The shape a case needs is checked on what the load asked for, CPU time plus its wait
         // for a CPU, where the run-queue figure exists: how much of it it got depends on what
         // else the machine runs.
-        let demand = kernel + w.runq_wait_pct.unwrap_or(0.0);
+        let demand = kernel + w.runq_wait_pct().unwrap_or(0.0);
         assert!(
             expect(kernel, demand),
             "{name} interval {i}: the load used {kernel} % and waited for the rest of {demand} %, not the shape this case needs"
@@ -183,7 +184,7 @@ fn in_flight_time_is_counted() {
         let kernel_ns = cpu_stat_ns(&dir);
         thaw(&dir);
         let w = worker(&sample, "8080");
-        let ours = w.counters.cpu_ns;
+        let ours = w.totals.cpu_ns.unwrap();
         let after_reading = frozen_at as i64 - w.at_ns as i64;
         // The uncharged time is scaled by the share of time the run queue's clock kept
         // (not stolen by the hypervisor) so far; a burst of steal since the clock's last
@@ -252,7 +253,7 @@ fn outside_the_slice_is_not_counted() {
     assert_eq!(sample.workers.len(), 1, "{sample:#?}");
     let w = &sample.workers[0];
     assert!(w.pid != Some(outside.pid()) && w.pid != Some(in_group.pid()));
-    assert!(w.cpu_pct.expect("cpu_pct") < 1.0, "idle worker shows {:?} %", w.cpu_pct);
+    assert!(w.cpu_pct().expect("cpu_pct") < 1.0, "idle worker shows {:?} %", w.cpu_pct());
 }
 
 /// Run-queue wait and context switches against the kernel's per-thread figures
@@ -296,12 +297,12 @@ fn runq_against_schedstat(name: &str, cpus: Option<&str>) -> ((u64, u64, u64), (
     };
 
     freeze(&dir);
-    let first = worker(&sampler.sample().expect("sample"), "8080").counters;
+    let first = worker(&sampler.sample().expect("sample"), "8080").totals.map(|v| v.expect("measured"));
     let k0 = kernel();
     thaw(&dir);
     std::thread::sleep(Duration::from_secs(2));
     freeze(&dir);
-    let last = worker(&sampler.sample().expect("sample"), "8080").counters;
+    let last = worker(&sampler.sample().expect("sample"), "8080").totals.map(|v| v.expect("measured"));
     let k1 = kernel();
     thaw(&dir);
 

@@ -153,7 +153,7 @@ fn workers_come_and_go_between_samples() {
     let sample = sampler.sample().expect("sample");
     assert_eq!(sample.workers.len(), 1);
     assert_eq!(sample.workers[0].pid, Some(load.pid()));
-    assert!(sample.workers[0].cpu_pct.unwrap() > 20.0, "{:?}", sample.workers[0]);
+    assert!(sample.workers[0].cpu_pct().unwrap() > 20.0, "{:?}", sample.workers[0]);
 
     drop(load);
     std::fs::remove_dir(&dir).expect("rmdir worker");

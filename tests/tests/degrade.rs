@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use hive_monitor_tests::*;
 use monitor_user::{
-    heartbeat::{Heartbeat, HiveIdentity, Source},
+    heartbeat::{self, HiveIdentity, Source},
     sampler::{Sampler, SamplerOptions},
     sources::cgroup::Slice,
 };
@@ -56,7 +56,7 @@ fn check(case: &Case) {
     thaw(&dir);
     let _ = std::fs::remove_file(&done);
 
-    let hb = Heartbeat::new(&last, &HiveIdentity { id: "t".into(), hostname: "t".into(), port: 1 }, 1);
+    let hb = heartbeat::format(&last, &HiveIdentity { id: "t".into(), hostname: "t".into(), port: 1 }, 1);
     eprintln!("{name}: collector {:?}", hb.collector);
     let missing: BTreeSet<&str> = hb.collector.missing.keys().map(String::as_str).collect();
     assert_eq!(missing, case.missing.iter().copied().collect(), "{name}: figures left out");
@@ -65,11 +65,11 @@ fn check(case: &Case) {
     }
     assert_eq!(hb.collector.cpu, case.cpu, "{name}: CPU source");
     let w = &hb.workers[0];
-    let (a, b) = (&first.workers[0].counters, &last.workers[0].counters);
+    let (a, b) = (&first.workers[0].totals, &last.workers[0].totals);
 
     // CPU: from the probes or the cgroup, equal to cpu.stat over the interval.
     let interval = last.at_ns - first.at_ns;
-    let (ours, theirs) = (b.cpu_ns - a.cpu_ns, cpu1 - cpu0);
+    let (ours, theirs) = (b.cpu_ns.unwrap() - a.cpu_ns.unwrap(), cpu1 - cpu0);
     let pp = ours.abs_diff(theirs) as f64 * 100.0 / interval as f64;
     eprintln!("{name}: cpu {ours} ns vs cpu.stat {theirs} ns ({pp:.4} pp)");
     assert!(pp <= 0.5, "{name}: CPU {ours} vs cpu.stat {theirs}: {pp} pp");
@@ -80,11 +80,16 @@ fn check(case: &Case) {
     assert_eq!(w.processes_forked_total.is_none(), null("processes_forked"), "{name}: {w:?}");
     if !null("ctx_switches") {
         // The busy load's own switches are part of the worker's, which the forker adds to.
-        let (ours, theirs) = (b.voluntary_switches - a.voluntary_switches, sched1.1 - sched0.1);
+        let (ours, theirs) =
+            (b.voluntary_switches.unwrap() - a.voluntary_switches.unwrap(), sched1.1 - sched0.1);
         assert!(ours >= theirs, "{name}: voluntary switches {ours} < the busy load's {theirs}");
     }
     if !null("processes_forked") {
-        assert_eq!(b.processes_forked - a.processes_forked, FORKS, "{name}: the forker's children");
+        assert_eq!(
+            b.processes_forked.unwrap() - a.processes_forked.unwrap(),
+            FORKS,
+            "{name}: the forker's children"
+        );
     }
     // I/O: the forker's writes, by the probes or its /proc/<pid>/io.
     let wchar = w.io_syscall_write_bytes_total.expect("syscall I/O has a source");

@@ -6,8 +6,9 @@ use std::{sync::Mutex, time::Duration};
 
 use hive_monitor_tests::*;
 use monitor_user::{
-    heartbeat::{Heartbeat, HiveIdentity},
-    sampler::{Sample, Sampler, SamplerOptions, WorkerSample},
+    heartbeat::{self, HiveIdentity},
+    sample::{Sample, WorkerSample},
+    sampler::{Sampler, SamplerOptions},
     sources::cgroup::Slice,
 };
 use serde_json::json;
@@ -116,7 +117,7 @@ fn vram_and_utilisation_land_on_the_right_worker() {
     assert_eq!(s.prewarm.len(), 1, "GPU 1 is above 80 %");
     assert_eq!(s.prewarm[0].device.index, 1);
 
-    let hb = Heartbeat::new(&s, &HiveIdentity { id: "h".into(), hostname: "h".into(), port: 1 }, 0);
+    let hb = heartbeat::format(&s, &HiveIdentity { id: "h".into(), hostname: "h".into(), port: 1 }, 0);
     let json = serde_json::to_value(&hb).unwrap();
     let wa = json["workers"].as_array().unwrap().iter().find(|w| w["instance"] == "a").unwrap();
     assert_eq!((wa["vram_mb"].as_u64(), wa["gpu_util_pct"].as_f64()), (Some(1792), Some(60.0)));
@@ -181,7 +182,7 @@ fn failures_degrade_without_fabricating() {
     let mut sampler = f.sampler();
     let s = sampler.sample().unwrap();
     assert!(s.gpus.is_none() && s.workers.iter().all(|w| w.gpu.is_none()));
-    let hb = serde_json::to_value(Heartbeat::new(
+    let hb = serde_json::to_value(heartbeat::format(
         &s,
         &HiveIdentity { id: "h".into(), hostname: "h".into(), port: 1 },
         0,

@@ -48,7 +48,7 @@ fn syscall_bytes_match_rchar_and_wchar() {
     for (instance, load, moved) in [("files", &rw, 32 * MIB), ("pipes", &pipe, 64 * MIB)] {
         let w = sample.workers.iter().find(|w| w.cgroup.instance == instance).unwrap();
         let (rchar, wchar) = proc_io(load.pid());
-        let (ours_r, ours_w) = (w.counters.syscall_read_bytes, w.counters.syscall_write_bytes);
+        let (ours_r, ours_w) = (w.totals.syscall_read_bytes.unwrap(), w.totals.syscall_write_bytes.unwrap());
         eprintln!("io {instance}: monitor read {ours_r} write {ours_w}; /proc io rchar {rchar} wchar {wchar}; moved {moved}");
         assert!(
             within_1pct(ours_r, rchar) && within_1pct(ours_w, wchar),
@@ -127,7 +127,7 @@ fn storage_bytes_match_read_and_write_bytes() {
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(format!("{}.done", path.display()));
         let w = sample.workers.iter().find(|w| w.cgroup.instance == case.mode).unwrap();
-        let ours = (w.counters.storage_read_bytes, w.counters.storage_write_bytes);
+        let ours = (w.totals.storage_read_bytes.unwrap(), w.totals.storage_write_bytes.unwrap());
         // The children's own /proc/<pid>/io went with them: only the known bytes remain.
         let kernel = (case.mode != "children").then(|| proc_storage(load.pid()));
         eprintln!(

@@ -42,7 +42,7 @@ fn two_thousand_short_lived_processes() {
     thaw(&dir);
 
     let w = sample.workers.iter().find(|w| w.cgroup.instance == "forks").unwrap();
-    let c = w.counters;
+    let c = w.totals.map(|v| v.expect("the probes count processes"));
     let error = (c.cpu_ns as f64 - kernel_ns as f64) / kernel_ns as f64 * 100.0;
     eprintln!(
         "lifecycle: {} forked, {} exited, {} execs; cpu {} ns vs cpu.stat {kernel_ns} ns ({error:+.3} %); \

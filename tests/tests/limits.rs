@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hive_monitor_tests::*;
 use monitor_user::{
-    heartbeat::{Heartbeat, HiveIdentity},
+    heartbeat::{self, HiveIdentity},
     probes::MapSizes,
     sampler::{Sampler, SamplerOptions},
     sources::cgroup::Slice,
@@ -48,14 +48,14 @@ fn more_workers_than_the_map_holds() {
     done.iter().for_each(|f| drop(std::fs::remove_file(f)));
 
     assert!(sample.probe_stats.workers_full > 0, "overflow counted");
-    let hb = Heartbeat::new(&sample, &identity(), 1);
+    let hb = heartbeat::format(&sample, &identity(), 1);
     assert_eq!(hb.collector.probes.workers_map_full, sample.probe_stats.workers_full, "and reported");
     let (mut counted, mut unknown) = (0, 0);
     for (i, dir) in dirs.iter().enumerate() {
         let w = sample.workers.iter().find(|w| w.cgroup.dir == *dir).unwrap();
         let json = hb.workers.iter().find(|j| j.instance == w.cgroup.instance).unwrap();
         // Created after the probes were attached, so every nanosecond counts.
-        let (ours, theirs) = (w.counters.cpu_ns, kernel[i]);
+        let (ours, theirs) = (w.totals.cpu_ns.unwrap(), kernel[i]);
         eprintln!("w{i}: monitor {ours} ns, cpu.stat {theirs} ns, forked {:?}", json.processes_forked_total);
         // The process's start straddles its move into the worker (see churn.rs).
         assert!(ours.abs_diff(theirs) <= theirs / 200 + 1_500_000, "w{i}: {ours} vs cpu.stat {theirs}");

@@ -4,7 +4,8 @@ use std::{path::Path, time::Duration};
 
 use hive_monitor_tests::*;
 use monitor_user::{
-    sampler::{Sampler, WorkerSample},
+    sample::WorkerSample,
+    sampler::Sampler,
     sources::{cgroup::Slice, memory::Origin},
 };
 

@@ -10,7 +10,8 @@ use std::{
 
 use hive_monitor_tests::*;
 use monitor_user::{
-    sampler::{BpfMode, Sample, Sampler, SamplerOptions, WorkerSample},
+    sample::{Sample, WorkerSample},
+    sampler::{BpfMode, Sampler, SamplerOptions},
     sources::{cgroup::Slice, pressure::RESOURCES},
 };
 

@@ -8,44 +8,73 @@ use std::collections::HashMap;
 
 use monitor_common::{TaskCounters, TaskRecord};
 
-/// Cumulative counters of one worker, as the loader keeps them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WorkerCounters {
-    /// Nanoseconds on a CPU, running tasks' uncharged time included.
-    pub cpu_ns: u64,
-    /// Nanoseconds runnable but waiting for a CPU, and times a CPU was got.
-    pub runq_wait_ns: u64,
-    pub runq_waits: u64,
-    /// Switches where the task gave up the CPU itself (blocked), and where it was preempted.
-    pub voluntary_switches: u64,
-    pub involuntary_switches: u64,
-    /// Bytes through read- and write-type system calls (`rchar`/`wchar` semantics).
-    pub syscall_read_bytes: u64,
-    pub syscall_write_bytes: u64,
-    /// Bytes read from storage, and bytes dirtied or written directly (`read_bytes`,
-    /// `write_bytes` semantics).
-    pub storage_read_bytes: u64,
-    pub storage_write_bytes: u64,
-    /// Processes forked, programs exec'd, processes ended.
-    pub processes_forked: u64,
-    pub execs: u64,
-    pub processes_exited: u64,
+/// Declares `Counters<T>`, one `T` per worker counter, with field-wise helpers, so that a
+/// counter added here is carried by the ledger's totals and by the sample's totals and
+/// rates without being named again.
+macro_rules! counters {
+    ($(#[$doc:meta])* pub struct $name:ident { $($(#[$fdoc:meta])* $field:ident,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name<T> {
+            $($(#[$fdoc])* pub $field: T,)*
+        }
+
+        impl<T> $name<T> {
+            pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> $name<U> {
+                $name { $($field: f(self.$field),)* }
+            }
+
+            pub fn zip<U>(self, other: $name<U>) -> $name<(T, U)> {
+                $name { $($field: (self.$field, other.$field),)* }
+            }
+        }
+    };
 }
 
-/// Applies `f` to each pair of a worker's counter and the task counter it sums.
-macro_rules! pairs {
-    ($w:expr, $t:expr, $f:expr) => {{
-        let (w, t, f) = ($w, $t, $f);
-        f(&mut w.cpu_ns, t.cpu_ns);
-        f(&mut w.runq_wait_ns, t.run_delay_ns);
-        f(&mut w.runq_waits, t.pcount);
-        f(&mut w.voluntary_switches, t.nvcsw);
-        f(&mut w.involuntary_switches, t.nivcsw);
-        f(&mut w.syscall_read_bytes, t.rchar);
-        f(&mut w.syscall_write_bytes, t.wchar);
-        f(&mut w.storage_read_bytes, t.read_bytes);
-        f(&mut w.storage_write_bytes, t.write_bytes);
-    }};
+counters! {
+    /// One value per cumulative counter of a worker.
+    pub struct Counters {
+        /// Nanoseconds on a CPU, running tasks' uncharged time included.
+        cpu_ns,
+        /// Nanoseconds runnable but waiting for a CPU, and times a CPU was got.
+        runq_wait_ns,
+        runq_waits,
+        /// Switches where the task gave up the CPU itself (blocked), and where it was preempted.
+        voluntary_switches,
+        involuntary_switches,
+        /// Bytes through read- and write-type system calls (`rchar`/`wchar` semantics).
+        syscall_read_bytes,
+        syscall_write_bytes,
+        /// Bytes read from storage, and bytes dirtied or written directly (`read_bytes`,
+        /// `write_bytes` semantics).
+        storage_read_bytes,
+        storage_write_bytes,
+        /// Processes forked, programs exec'd, processes ended.
+        processes_forked,
+        execs,
+        processes_exited,
+    }
+}
+
+/// Cumulative counters of one worker, as the loader keeps them.
+pub type WorkerCounters = Counters<u64>;
+
+impl WorkerCounters {
+    /// The worker counters a task's counters add to (the process counts come from events).
+    fn of_task(t: &TaskCounters) -> Self {
+        Counters {
+            cpu_ns: t.cpu_ns,
+            runq_wait_ns: t.run_delay_ns,
+            runq_waits: t.pcount,
+            voluntary_switches: t.nvcsw,
+            involuntary_switches: t.nivcsw,
+            syscall_read_bytes: t.rchar,
+            syscall_write_bytes: t.wchar,
+            storage_read_bytes: t.read_bytes,
+            storage_write_bytes: t.write_bytes,
+            ..Default::default()
+        }
+    }
 }
 
 /// Each counter of `new` that is above `old`, by how much, and the larger of each.
@@ -86,6 +115,8 @@ pub struct Ledger {
     /// SipHash for integer keys (no hash flooding to fear: the keys come from the kernel).
     tasks: HashMap<(u32, u64), TaskState, rustc_hash::FxBuildHasher>,
     totals: HashMap<u64, WorkerCounters>,
+    /// Worker → what ended tasks were counted beyond their final counters (see `end`).
+    owed: HashMap<u64, WorkerCounters>,
     /// CLOCK_MONOTONIC ns the previous pass began; `None` before the first.
     last_pass_ns: Option<u64>,
     pass: u64,
@@ -115,7 +146,7 @@ impl Ledger {
             None => r.counters,
         };
         let (grown, counted) = growth(&counted, &r.counters);
-        pairs!(self.totals.entry(r.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
+        self.add(r.worker, &grown);
         // A task first known from an event has not been seen by an iterator yet.
         let (exited_at, seen) =
             self.tasks.get(&key).map_or((None, pass.saturating_sub(1)), |s| (s.exited_at, s.seen));
@@ -129,12 +160,12 @@ impl Ledger {
         match self.tasks.get_mut(&key) {
             Some(s) => {
                 let (grown, counted) = growth(&s.counted, &r.counters);
-                pairs!(self.totals.entry(s.worker).or_default(), &grown, |w: &mut u64, d: u64| *w += d);
+                let worker = std::mem::replace(&mut s.worker, r.worker);
+                s.counted = counted;
                 if r.worker == 0 {
                     self.tasks.remove(&key);
-                } else {
-                    (s.worker, s.counted) = (r.worker, counted);
                 }
+                self.add(worker, &grown);
             }
             // From outside (a worker's process is started outside and moves itself in): it
             // counts from its counters at the move.
@@ -169,15 +200,30 @@ impl Ledger {
 
     /// Counts a task's final counters and forgets it. They are exact, unlike a running
     /// task's uncharged time, which counts scheduler-clock time the kernel does not charge
-    /// (time a hypervisor stole): what was counted beyond them is taken back. A worker's
-    /// total can thus step back by microseconds; the sampler keeps what it reports monotonic.
+    /// (time a hypervisor stole): what was counted beyond them is owed, and the worker's next
+    /// growth pays it back first, so that a total never goes back.
     pub fn end(&mut self, r: &TaskRecord) {
         self.note(r);
         if let Some(s) = self.tasks.remove(&(r.tid, r.start_ns)) {
             let (over, _) = growth(&r.counters, &s.counted);
-            pairs!(self.totals.entry(r.worker).or_default(), &over, |w: &mut u64, d: u64| *w =
-                w.saturating_sub(d));
+            let owed = self.owed.entry(r.worker).or_default();
+            *owed = owed.zip(WorkerCounters::of_task(&over)).map(|(o, d)| o + d);
         }
+    }
+
+    /// Adds a task's growth to its worker's total, less what the worker owes.
+    fn add(&mut self, worker: u64, grown: &TaskCounters) {
+        let mut grown = WorkerCounters::of_task(grown);
+        if let Some(owed) = self.owed.get_mut(&worker) {
+            let paid = owed.zip(grown).map(|(o, g)| o.min(g));
+            *owed = owed.zip(paid).map(|(o, p)| o - p);
+            grown = grown.zip(paid).map(|(g, p)| g - p);
+            if *owed == WorkerCounters::default() {
+                self.owed.remove(&worker);
+            }
+        }
+        let total = self.totals.entry(worker).or_default();
+        *total = total.zip(grown).map(|(t, g)| t + g);
     }
 
     fn born_since_last_pass(&self, start_ns: u64) -> bool {
@@ -210,6 +256,7 @@ impl Ledger {
     /// Forgets a worker whose cgroup is gone, and its tasks.
     pub fn forget(&mut self, worker: u64) {
         self.totals.remove(&worker);
+        self.owed.remove(&worker);
         self.tasks.retain(|_, s| s.worker != worker);
     }
 
@@ -299,13 +346,19 @@ mod tests {
     }
 
     #[test]
-    fn an_ending_task_takes_back_what_its_uncharged_time_overshot() {
+    fn an_ending_task_s_overshoot_is_paid_back_by_later_growth() {
         let mut l = Ledger::default();
         pass(&mut l, 1_000_000_000, &[]);
         l.record(&rec(7, 16, 1_500_000_000, 3_100)); // exit: 100 ns of it stolen, not charged
         l.end(&rec(7, 16, 1_500_000_000, 3_000));
-        assert_eq!(l.totals()[&7].cpu_ns, 3_000);
-        assert_eq!(l.totals()[&7].syscall_read_bytes, 1_500);
+        assert_eq!(l.totals()[&7].cpu_ns, 3_100, "a total never goes back");
+        assert_eq!(l.totals()[&7].syscall_read_bytes, 1_550);
+        // The next growth pays the overshoot back first.
+        l.record(&rec(7, 18, 1_600_000_000, 70));
+        assert_eq!(l.totals()[&7].cpu_ns, 3_100);
+        l.record(&rec(7, 18, 1_600_000_000, 500));
+        assert_eq!(l.totals()[&7].cpu_ns, 3_500);
+        assert_eq!(l.totals()[&7].syscall_read_bytes, 1_750);
     }
 
     #[test]

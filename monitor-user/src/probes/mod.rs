@@ -22,7 +22,7 @@ use monitor_common::{
 use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
 pub use self::{
     figures::{Availability, Figure, ProgramStatus},
-    ledger::WorkerCounters,
+    ledger::{Counters, WorkerCounters},
 };
 use crate::error::{Error, Result};
 

@@ -15,10 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    error::{Error, Result},
-    rbee::Ready,
-};
+use monitor_wire::rbee::Ready;
+
+use crate::error::{Error, Result};
 
 /// How long the queen waits before it subscribes again after a stream closes.
 pub const QUEEN_RECONNECT: Duration = Duration::from_secs(5);

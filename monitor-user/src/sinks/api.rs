@@ -13,9 +13,9 @@ use std::{
 };
 
 use axum::{
-    extract::{DefaultBodyLimit, Request, State},
+    extract::{DefaultBodyLimit, State},
     http::{header, HeaderMap, StatusCode},
-    middleware::{self, Next},
+    middleware,
     response::{
         sse::{Event, KeepAlive, Sse},
         IntoResponse, Response,
@@ -23,15 +23,15 @@ use axum::{
     routing::get,
     Json, Router,
 };
+use monitor_coordinator::http::{limit_headers, require_token, RequiredToken};
+use monitor_wire::rbee::HiveEvent;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 use tokio::sync::broadcast;
 
 use super::metrics::SelfTotals;
 use crate::{
     error::{Error, Result},
     heartbeat::Heartbeat,
-    rbee::HiveEvent,
     sinks::stall::GuardedListener,
 };
 
@@ -210,44 +210,6 @@ async fn stream(State(shared): State<Shared>) -> Response {
     let subscriber = Subscriber { count: Arc::clone(&shared.subscribers), events, first, last_seq: 0 };
     let events = futures_util::stream::unfold(subscriber, Subscriber::next);
     Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
-}
-
-/// Bytes of request headers (names and values) a server takes; more is refused (431).
-pub const MAX_HEADER_BYTES: usize = 16 << 10;
-
-/// Middleware refusing requests whose headers exceed `MAX_HEADER_BYTES`.
-pub async fn limit_headers(request: Request, next: Next) -> Response {
-    let size: usize = request.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-    if size > MAX_HEADER_BYTES {
-        let msg = format!("request headers are {size} bytes; at most {MAX_HEADER_BYTES}\n");
-        return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg).into_response();
-    }
-    next.run(request).await
-}
-
-/// The bearer token a server requires (`None`: open); state of `require_token`.
-#[derive(Clone)]
-pub struct RequiredToken(pub Option<Arc<str>>);
-
-/// Middleware refusing requests without the token, compared in constant time.
-pub async fn require_token(
-    State(token): State<RequiredToken>,
-    headers: HeaderMap,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Some(token) = &token.0 {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "token required\n")
-                .into_response();
-        }
-    }
-    next.run(request).await
 }
 
 fn latest(shared: &Shared) -> Option<Arc<Heartbeat>> {

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use monitor_wire::ack::Ack;
 
 use crate::{
     error::{Error, Result},
@@ -18,14 +18,6 @@ use crate::{
 /// a fleet of hives does not retry in step.
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
-
-/// What a 2xx reply may carry. Both fields are optional; an empty or malformed body is no
-/// error.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-pub struct Ack {
-    pub server_status: Option<String>,
-    pub next_interval_ms: Option<u64>,
-}
 
 #[derive(Default)]
 struct Slot {
@@ -160,7 +152,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// An acknowledgement, if the body is one; anything else is logged and ignored.
-pub fn parse_ack(body: &[u8]) -> Option<Ack> {
+fn parse_ack(body: &[u8]) -> Option<Ack> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
     }

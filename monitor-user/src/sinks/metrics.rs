@@ -312,7 +312,7 @@ pub fn registry(hb: &Heartbeat, own: SelfTotals) -> Registry {
         w_pid.add(l(), n(w.pid));
         w_uptime.add(l(), u(w.uptime_s));
         w_procs.add(l(), Some(w.processes as f64));
-        w_cpu.add(l(), Some(w.cpu_ns_total as f64 / 1e9));
+        w_cpu.add(l(), w.cpu_ns_total.map(|ns| ns as f64 / 1e9));
         w_cpu_ratio.add(l(), pct(w.cpu_pct));
         w_runq.add(l(), w.runq_wait_ns_total.map(|ns| ns as f64 / 1e9));
         w_runq_ratio.add(l(), pct(w.runq_wait_pct));

@@ -323,7 +323,11 @@ fn register_worker_cpu(meter: &Meter, current: &Current) {
         .f64_observable_counter("container.cpu.time")
         .with_description("CPU time of the worker's cgroup, cumulative")
         .with_unit("s")
-        .with_callback(each_worker(current, |w, put| put(seconds(w.cpu_ns_total), &[])))
+        .with_callback(each_worker(current, |w, put| {
+            if let Some(ns) = w.cpu_ns_total {
+                put(seconds(ns), &[]);
+            }
+        }))
         .build();
     meter
         .f64_observable_gauge("container.cpu.usage")

@@ -23,11 +23,7 @@ use std::{
 use hive_monitor_tests::{
     command_in, cpu_stat_ns, free_port, freeze, proc_field, thaw, TestCgroup, Workload,
 };
-use monitor_user::{
-    probes::ProgramStats,
-    sampler::{Sampler, WorkerSample},
-    sources::cgroup::Slice,
-};
+use monitor_user::{probes::ProgramStats, sample::WorkerSample, sampler::Sampler, sources::cgroup::Slice};
 use serde_json::{json, Value};
 
 const DAEMON_WORKERS: [usize; 3] = [10, 100, 1000];
@@ -418,7 +414,7 @@ fn tick_cpu_ns(dir: &Path) -> u64 {
         * (1_000_000_000 / tck)
 }
 
-fn worker<'a>(sample: &'a monitor_user::sampler::Sample, instance: &str) -> &'a WorkerSample {
+fn worker<'a>(sample: &'a monitor_user::sample::Sample, instance: &str) -> &'a WorkerSample {
     sample.workers.iter().find(|w| w.cgroup.instance == instance).expect("worker in the sample")
 }
 
@@ -449,7 +445,7 @@ fn cpu_accuracy(args: &Args) -> Value {
             freeze(&dir);
             let s = sampler.sample().unwrap();
             let w = worker(&s, &instance);
-            ends.push((w.at_ns, w.counters.cpu_ns, cpu_stat_ns(&dir), tick_cpu_ns(&dir)));
+            ends.push((w.at_ns, w.totals.cpu_ns.unwrap(), cpu_stat_ns(&dir), tick_cpu_ns(&dir)));
             thaw(&dir);
         }
         drop(work);
@@ -499,7 +495,7 @@ fn io_accuracy(args: &Args) -> Value {
         }
         std::thread::sleep(Duration::from_millis(200));
         let s = sampler.sample().unwrap();
-        let c = worker(&s, mode).counters;
+        let c = worker(&s, mode).totals.map(|v| v.expect("the probes measure I/O"));
         for (figure, key, n) in figures {
             let ours = match *key {
                 "rchar:" => c.syscall_read_bytes,

@@ -9,8 +9,6 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
-use crate::error::{Error, Result};
-
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -49,12 +47,20 @@ pub enum Protocol {
     Push,
 }
 
+/// A config file that cannot be read, or says something wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {reason}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
 /// Config files are small; anything larger is not one.
 const MAX_SIZE: u64 = 64 * 1024;
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Self> {
-        let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError { path: path.to_path_buf(), reason };
         let size = std::fs::metadata(path).map_err(|e| err(e.to_string()))?.len();
         if size > MAX_SIZE {
             return Err(err(format!("{size} bytes; a config file is at most {MAX_SIZE}")));
@@ -98,17 +104,64 @@ fn interval<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Durat
 
 fn retention<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
-    crate::record::parse_retention(&s).map(Some).map_err(serde::de::Error::custom)
+    parse_retention(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 fn size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
     let s = String::deserialize(d)?;
-    crate::spawn::parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+    parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A retention written as text: `7d`, `12h`, … (at least one second).
+pub fn parse_retention(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (examples: 7d, 12h)"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("`{s}` is shorter than a second"));
+    }
+    Ok(d)
+}
+
+/// Parses `512M`, `8G`, `1.5G`, `1048576` (binary units, an optional `i` and `B`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let t = t.strip_suffix('i').unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (examples: 512M, 8G)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if value.is_nan() || value <= 0.0 || !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}` is not a positive size below 16 EiB"));
+    }
+    Ok(bytes as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        for bad in ["", "G", "-1G", "0", "abc", "1e30T", "NaN"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retentions() {
+        assert_eq!(parse_retention("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_retention("0s").is_err() && parse_retention("forever").is_err());
+    }
 
     fn parse(text: &str) -> std::result::Result<Config, String> {
         let path = std::env::temp_dir().join(format!("hm-config-{}-{}.toml", std::process::id(), text.len()));

@@ -7,7 +7,7 @@
 //! These records only format a [`Heartbeat`]; no figure is computed here.
 use serde::{Deserialize, Serialize};
 
-use crate::heartbeat::{Heartbeat, Source, Worker};
+use crate::heartbeat::{DeviceVitals, Heartbeat, Source, Worker};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -52,7 +52,7 @@ pub struct HiveInfo {
     pub version: String,
     /// Extension: the hive's devices, as in the full heartbeat; `null` when GPU figures
     /// are unavailable.
-    pub vram_per_device: Option<Vec<crate::heartbeat::DeviceVitals>>,
+    pub vram_per_device: Option<Vec<DeviceVitals>>,
 }
 
 /// rbee's `HealthStatus`, tagged on `status`; this daemon only ever says `healthy`.

@@ -1,4 +1,4 @@
-//! `hive-monitor coordinator`: a reference coordinator ("queen"). Hives reach it both ways
+//! `hive-coordinator` (also `hive-monitor coordinator`): a reference coordinator ("queen"). Hives reach it both ways
 //! rbee has used: they push heartbeats (`POST /v1/hive-heartbeat`), or they announce
 //! themselves (`POST /v1/hive/ready`) and it subscribes to their heartbeat stream. It keeps
 //! the latest of each hive, marks a hive stale after two of its intervals without news,
@@ -20,14 +20,28 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use serde::{Deserialize, Serialize};
-
-use crate::{
-    error::{Error, Result},
-    heartbeat::{DeviceVitals, Heartbeat, Worker, SCHEMA_VERSION},
+use monitor_wire::{
+    ack::Ack,
+    filter::{free_vram_mb, matches, Facts, WorkerFilter},
+    heartbeat::{Heartbeat, Worker, SCHEMA_VERSION},
     rbee::{HiveEvent, HiveInfo, ProcessStats, Ready},
-    sinks::api::{limit_headers, require_token, RequiredToken},
 };
+use serde::Serialize;
+
+use crate::http::{limit_headers, require_token, RequiredToken};
+
+pub mod http;
+
+/// Why the coordinator could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("coordinator on {addr}: a coordinator off loopback needs a token (--token-file)")]
+    TokenRequired { addr: SocketAddr },
+    #[error("coordinator on {addr}: {source}")]
+    Serve { addr: SocketAddr, source: std::io::Error },
+    #[error("coordinator: HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
 
 /// A heartbeat of a few hundred workers is well under this.
 const MAX_BODY: usize = 4 << 20;
@@ -78,16 +92,14 @@ struct Queen {
 }
 
 /// Serves until the process is stopped.
-pub fn run(addr: SocketAddr, token: Option<String>) -> Result<()> {
-    let err = |reason: String| Error::Api { addr, reason };
+pub fn run(addr: SocketAddr, token: Option<String>) -> Result<(), Error> {
     if !addr.ip().is_loopback() && token.is_none() {
-        return Err(err("a coordinator off loopback needs a token (--token-file)".into()));
+        return Err(Error::TokenRequired { addr });
     }
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .user_agent(concat!("hive-monitor-coordinator/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+        .build()?;
     let queen = Queen { hives: Arc::default(), subscriptions: Arc::default(), client };
     let token = RequiredToken(token.map(Into::into));
     let app = Router::new()
@@ -99,19 +111,18 @@ pub fn run(addr: SocketAddr, token: Option<String>) -> Result<()> {
         .layer(middleware::from_fn(limit_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(queen);
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| err(e.to_string()))?;
+    let serve = |source| Error::Serve { addr, source };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(serve)?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| err(e.to_string()))?;
-        let bound = listener.local_addr().map_err(|e| err(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(serve)?;
+        let bound = listener.local_addr().map_err(serve)?;
         log::info!("coordinator listening on http://{bound}");
-        axum::serve(listener, app).await.map_err(|e| err(e.to_string()))
+        axum::serve(listener, app).await.map_err(serve)
     })
 }
 
-#[derive(Serialize)]
-struct Ack {
-    server_status: &'static str,
+fn ok() -> Ack {
+    Ack { server_status: Some("ok".into()), next_interval_ms: None }
 }
 
 /// A request body that is a heartbeat of a schema version this coordinator knows, or the
@@ -145,7 +156,7 @@ async fn receive(State(queen): State<Queen>, body: axum::body::Bytes) -> Respons
         heartbeat.hive.id.clone(),
         Hive { report: Report::Heartbeat(Box::new(heartbeat)), received: now, interval, seq },
     );
-    Json(Ack { server_status: "ok" }).into_response()
+    Json(ok()).into_response()
 }
 
 /// `POST /v1/hive/ready`: subscribes to the hive's stream. Unlike rbee's queen, a hive that
@@ -158,14 +169,14 @@ async fn ready(State(queen): State<Queen>, Json(ready): Json<Ready>) -> Response
     let mut subscriptions = queen.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((old, task)) = subscriptions.get(&ready.hive_id) {
         if *old == url && !task.is_finished() {
-            return Json(Ack { server_status: "ok" }).into_response();
+            return Json(ok()).into_response();
         }
         task.abort();
     }
     log::info!("hive {} ready at {}; subscribing", ready.hive_id, ready.hive_url);
     let task = tokio::spawn(subscribe(queen.clone(), ready.hive_id.clone(), url.clone()));
     subscriptions.insert(ready.hive_id, (url, task));
-    Json(Ack { server_status: "ok" }).into_response()
+    Json(ok()).into_response()
 }
 
 fn stream_url(hive_url: &str) -> std::result::Result<String, String> {
@@ -265,18 +276,6 @@ async fn hives(State(queen): State<Queen>) -> Json<Vec<HiveStatus>> {
     Json(out)
 }
 
-/// `GET /v1/workers` filters; all given must hold.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkerFilter {
-    /// Busy on no GPU (`gpu_util_pct` 0) or, with no GPU figures, using under 1 % of a core.
-    pub idle: Option<bool>,
-    /// Serving this model.
-    pub model: Option<String>,
-    /// At least this much free VRAM (MiB) on every device the worker is on.
-    pub min_free_vram_mb: Option<u64>,
-}
-
 /// A worker as a hive reported it: the full heartbeat's record, or the stream's.
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -293,41 +292,6 @@ struct WorkerEntry<'a> {
     free_vram_mb: Option<u64>,
     #[serde(flatten)]
     worker: Record<'a>,
-}
-
-/// What the filters look at, from either record.
-pub struct Facts<'a> {
-    pub group: &'a str,
-    pub instance: &'a str,
-    pub cpu_pct: Option<f64>,
-    /// `None` when GPU figures are unavailable, or the host has no GPU.
-    pub gpu_util_pct: Option<f64>,
-    pub model: Option<&'a str>,
-}
-
-impl<'a> Facts<'a> {
-    pub fn of_worker(w: &'a Worker) -> Self {
-        Facts {
-            group: &w.group,
-            instance: &w.instance,
-            cpu_pct: w.cpu_pct,
-            gpu_util_pct: w.gpu_util_pct,
-            model: w.model.as_deref(),
-        }
-    }
-
-    /// A figure the record lists as unknown is `None`, as is GPU use on a host without any.
-    pub fn of_stats(w: &'a ProcessStats) -> Self {
-        let known = |name: &str, v: f64| (!w.unknown.iter().any(|u| u == name)).then_some(v);
-        let no_gpu = w.total_vram_mb == 0 && w.gpu_devices.is_empty();
-        Facts {
-            group: &w.group,
-            instance: &w.instance,
-            cpu_pct: known("cpu_pct", w.cpu_pct),
-            gpu_util_pct: known("gpu_util_pct", w.gpu_util_pct).filter(|_| !no_gpu),
-            model: w.model.as_deref(),
-        }
-    }
 }
 
 async fn workers(State(queen): State<Queen>, Query(filter): Query<WorkerFilter>) -> Response {
@@ -360,68 +324,4 @@ async fn workers(State(queen): State<Queen>, Query(filter): Query<WorkerFilter>)
         })
         .collect();
     Json(out).into_response()
-}
-
-/// The least free VRAM among the devices `on`.
-fn free_vram_mb(devices: Option<&[DeviceVitals]>, on: &[u32]) -> Option<u64> {
-    let devices = devices?;
-    on.iter()
-        .filter_map(|i| {
-            let d = devices.iter().find(|d| d.device_index == *i)?;
-            let free = d.vram_total_bytes?.saturating_sub(d.vram_used_bytes?);
-            Some(free >> 20)
-        })
-        .min()
-}
-
-pub fn matches(filter: &WorkerFilter, w: &Facts, free_vram_mb: Option<u64>) -> bool {
-    let idle = match w.gpu_util_pct {
-        Some(gpu) => gpu == 0.0,
-        None => w.cpu_pct.is_some_and(|c| c < 1.0),
-    };
-    filter.idle.is_none_or(|want| want == idle)
-        && filter.model.as_ref().is_none_or(|m| w.model == Some(m.as_str()))
-        && filter.min_free_vram_mb.is_none_or(|n| free_vram_mb.is_some_and(|f| f >= n))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn worker(cpu: Option<f64>, gpu: Option<f64>, model: Option<&str>) -> Worker {
-        serde_json::from_value(serde_json::json!({
-            "pid": 1, "group": "g", "instance": "i", "cpu_pct": cpu, "rss_mb": null, "gpu_util_pct": gpu,
-            "vram_mb": null, "model": model, "uptime_s": 1, "io_r_mb_s": null, "io_w_mb_s": null,
-            "cgroup": "/g/i", "cgroup_id": 1, "processes": 1, "cpu_ns_total": 0, "runq_wait_pct": null,
-            "runq_wait_ns_total": null, "runq_waits_total": null, "ctx_switches_voluntary_total": null,
-            "ctx_switches_involuntary_total": null, "memory": null, "gpus": null
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn filters() {
-        let f = |idle, model: Option<&str>, vram| WorkerFilter {
-            idle,
-            model: model.map(Into::into),
-            min_free_vram_mb: vram,
-        };
-        let (busy_gpu, idle_gpu, idle_cpu) = (
-            worker(Some(50.0), Some(85.0), Some("llama")),
-            worker(Some(30.0), Some(0.0), Some("llama")),
-            worker(Some(0.2), None, None),
-        );
-        let (busy_gpu, idle_gpu, idle_cpu) =
-            (Facts::of_worker(&busy_gpu), Facts::of_worker(&idle_gpu), Facts::of_worker(&idle_cpu));
-        assert!(matches(&f(None, None, None), &busy_gpu, None));
-        assert!(!matches(&f(Some(true), None, None), &busy_gpu, None));
-        assert!(matches(&f(Some(true), None, None), &idle_gpu, None), "GPU idle though the CPU works");
-        assert!(matches(&f(Some(true), None, None), &idle_cpu, None));
-        assert!(matches(&f(None, Some("llama"), None), &busy_gpu, None));
-        assert!(!matches(&f(None, Some("qwen"), None), &busy_gpu, None));
-        assert!(!matches(&f(None, Some("llama"), None), &idle_cpu, None), "no model named");
-        assert!(matches(&f(None, None, Some(4096)), &busy_gpu, Some(8192)));
-        assert!(!matches(&f(None, None, Some(4096)), &busy_gpu, Some(1024)));
-        assert!(!matches(&f(None, None, Some(1)), &idle_cpu, None), "on no GPU: no free VRAM to offer");
-    }
 }
