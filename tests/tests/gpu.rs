@@ -93,19 +93,13 @@ fn vram_and_utilisation_land_on_the_right_worker() {
         { "pid": b, "timestamp": 50, "sm_util": 30 }, { "pid": a2, "timestamp": 60, "sm_util": 10 }]),
     );
     dev1["graphics"] = json!([{ "pid": b, "used_memory": 3 * GIB }]);
-    let scenario = json!({ "devices": [
+    f.write(json!({ "devices": [
         device(0, 40, json!([{ "pid": a1, "used_memory": GIB }, { "pid": a2, "used_memory": 512 * MIB },
                              { "pid": out, "used_memory": 2 * GIB }]),
                json!([{ "pid": a1, "timestamp": 100, "sm_util": 40 }, { "pid": a1, "timestamp": 200, "sm_util": 60 },
                       { "pid": out, "timestamp": 150, "sm_util": 90 }])),
-        dev1 ] });
-    // The sampler's baseline reading takes the samples there are at its start: the first
-    // sample's utilisation is that of the samples that came after.
-    let mut before = scenario.clone();
-    before["devices"].as_array_mut().unwrap().iter_mut().for_each(|d| d["samples"] = json!([]));
-    f.write(before);
+        dev1 ] }));
     let mut sampler = f.sampler();
-    f.write(scenario);
 
     let s = sampler.sample().unwrap();
     let ga = worker(&s, "a").gpu.clone().expect("GPU figures for a");
