@@ -233,7 +233,9 @@ impl Sampler {
             self.models.forget_pid(event.task.tgid);
         }
         let boottime_s = procfs::boottime_s();
-        let gpu = self.gpus.as_mut().map(Gpus::read);
+        // The baseline leaves the GPUs unread, so that the first interval's utilisation is the
+        // mean of every sample the driver holds rather than of none.
+        let gpu = self.gpus.as_mut().filter(|_| seq > 0).map(Gpus::read);
         self.memory.begin_sample();
         self.procs_files.sweep();
         self.pressure_files.sweep();
