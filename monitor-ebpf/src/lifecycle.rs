@@ -8,7 +8,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use monitor_common::{TaskEventKind, EXIT_PROCESS, MISSING};
 
 use crate::{
-    kernel::{layout, sched_now, KernelPtr, Task},
+    kernel::{layout, sched_now, Task},
     maps::{clock_offset, emit, process_counts, slice},
 };
 
@@ -18,8 +18,9 @@ use crate::{
 /// refuses. The loader checks each position against the kernel's BTF before loading.
 #[inline(always)]
 fn task_arg<const I: usize>(ctx: &BtfTracePointContext) -> Option<Task> {
-    // SAFETY: the loader checked that argument `I` is a `struct task_struct *` here.
-    unsafe { KernelPtr::new(ctx.arg::<u64>(I)) }.map(Task)
+    // SAFETY: the loader checked that argument `I` is a `struct task_struct *` here, and a
+    // tp_btf argument of that type is BTF-typed for the verifier.
+    unsafe { Task::new(ctx.arg::<u64>(I)) }
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]

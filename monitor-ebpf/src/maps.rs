@@ -61,8 +61,9 @@ pub fn set_clock_offset(offset: u64) {
 /// This CPU's process counts of `worker`, created on the worker's first event.
 #[inline(always)]
 pub fn process_counts<C: EbpfContext>(ctx: &C, worker: u64) -> Option<&'static mut ProcessCounts> {
-    // SAFETY: per-CPU value, and the probes do not nest on one CPU.
     if let Some(p) = WORKERS.get_ptr_mut(&worker) {
+        // SAFETY: a per-CPU value, and the probes do not nest on one CPU, so this is the
+        // only reference to it while the program runs.
         return Some(unsafe { &mut *p });
     }
     let _ = WORKERS.insert(&worker, &ProcessCounts::default(), BPF_NOEXIST as u64);

@@ -5,17 +5,13 @@
 //! aya-ebpf has no macro for iterators, so the program is declared by its section by hand.
 use core::ffi::c_void;
 
-use aya_ebpf::{bindings::seq_file, helpers::generated::bpf_seq_write};
+use aya_ebpf::helpers::generated::bpf_seq_write;
 use monitor_common::TaskRecord;
 
 use crate::{
-    kernel::{self, KernelPtr, Task},
+    kernel,
     maps::{set_clock_offset, slice},
 };
-
-/// `bpf_iter_meta.seq` and `.session_id`: fixed since iterators exist (5.8).
-const META_SEQ: u32 = 0;
-const META_SESSION: u32 = 8;
 
 /// The session whose clock offset `OFFSET` holds: each read of a new iterator is a new
 /// session, and its first task measures the offset once.
@@ -25,19 +21,11 @@ static mut OFFSET: u64 = 0;
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 pub fn task_counters(ctx: *mut c_void) -> i32 {
-    // SAFETY: the context is `bpf_iter__task { meta, task }` (the loader checked that layout);
-    // the verifier allows only loads at constant offsets from it, and types both (meta, and
-    // the task or NULL on the final call).
-    let (meta, task) = unsafe {
-        let args = ctx as *const [u64; 2];
-        (core::ptr::read_volatile(&(*args)[0]), core::ptr::read_volatile(&(*args)[1]))
-    };
-    // SAFETY: both are BTF-typed pointers from the iterator's context.
-    let (Some(meta), Some(task)) = (unsafe { KernelPtr::new(meta) }, unsafe { KernelPtr::new(task) }) else {
-        return 0;
-    };
+    // SAFETY: this is an `iter/task` program, and the loader checked that its context is
+    // `bpf_iter__task { meta@0, task@8 }` before loading it.
+    let Some((meta, task)) = (unsafe { kernel::task_iter_args(ctx) }) else { return 0 };
     // Measured at the first task, just after the loader yielded the CPU (see `clock_offset`).
-    let session: u64 = meta.field(META_SESSION);
+    let session = meta.session_id();
     // SAFETY: one iteration runs on one CPU at a time, and only the loader's sampler reads
     // the iterator, so these plain globals are not raced.
     let offset = unsafe {
@@ -51,7 +39,6 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
         OFFSET
     };
     let Some(slice) = slice() else { return 0 };
-    let task = Task(task);
     let Some(worker) = task.worker(slice) else { return 0 };
     let sched_now = (offset != 0).then(|| kernel::sched_now(offset));
     let mut record = core::mem::MaybeUninit::<TaskRecord>::uninit();
@@ -60,11 +47,11 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
         task.fill_record(&mut *record.as_mut_ptr(), worker, sched_now);
         record.assume_init_ref()
     };
-    let seq: u64 = meta.field(META_SEQ);
+    let seq = meta.seq();
     // SAFETY: `seq` is the iterator's seq_file, and the record is plain data of that length.
     unsafe {
         bpf_seq_write(
-            seq as *mut seq_file,
+            seq,
             (record as *const TaskRecord).cast::<c_void>(),
             core::mem::size_of::<TaskRecord>() as u32,
         );

@@ -516,29 +516,57 @@ fn check_capabilities() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use object::{Object, ObjectSection, ObjectSymbol};
+    use aya_obj::{Object, ProgramSection};
+    use monitor_common::KernelLayout;
+
+    use super::names;
 
     /// Every map, program and global the loader asks for by name is in the embedded object,
-    /// each program in the section its type needs.
+    /// found the way the loader finds it: parsed by aya's own object parser (`EbpfLoader`
+    /// parses with it, then looks maps and programs up by these names, and patches `LAYOUT`
+    /// with `override_global`). Each program is in the section its type needs. No privilege:
+    /// nothing is loaded into the kernel.
     #[test]
     fn the_object_has_every_name_the_loader_uses() {
-        let file = object::File::parse(super::OBJECT).expect("the embedded object is ELF");
-        let section_of = |name: &str| {
-            let symbol = file.symbols().find(|s| s.name() == Ok(name));
-            let symbol = symbol.unwrap_or_else(|| panic!("no symbol {name} in the eBPF object"));
-            let index = symbol.section_index().unwrap_or_else(|| panic!("{name} is in no section"));
-            file.section_by_index(index).unwrap().name().unwrap().to_string()
-        };
-        for map in super::names::MAPS {
-            assert_eq!(section_of(map), "maps", "map {map}");
+        let mut object = Object::parse(super::OBJECT).expect("aya parses the embedded eBPF object");
+        for map in names::MAPS {
+            assert!(
+                object.maps.contains_key(map),
+                "no map {map} in the eBPF object; it has {:?}",
+                object.maps.keys().collect::<Vec<_>>()
+            );
         }
-        assert_eq!(section_of(super::names::GLOBAL_LAYOUT), ".rodata");
-        for program in super::names::PROGRAMS {
-            let want = match program {
-                super::names::TASK_COUNTERS => "iter/task".to_string(),
-                tracepoint => format!("tp_btf/{tracepoint}"),
+        for program in names::PROGRAMS {
+            let found = object.programs.get(program).unwrap_or_else(|| {
+                panic!(
+                    "no program {program} in the eBPF object; it has {:?}",
+                    object.programs.keys().collect::<Vec<_>>()
+                )
+            });
+            let section_fits = match (program, &found.section) {
+                (names::TASK_COUNTERS, ProgramSection::Iter { sleepable: false }) => true,
+                (names::TASK_COUNTERS, _) => false,
+                (_, section) => matches!(section, ProgramSection::BtfTracePoint),
             };
-            assert_eq!(section_of(program), want, "program {program}");
+            assert!(section_fits, "program {program} is in a {:?} section", found.section);
+            let function = object.functions.get(&found.function_key());
+            assert!(function.is_some_and(|f| !f.instructions.is_empty()), "program {program} has no code");
         }
+        // `override_global(GLOBAL_LAYOUT, .., true)` does exactly this: it fails for a symbol
+        // the object lacks, or one of another size than `KernelLayout`.
+        let marker = vec![0xa5; size_of::<KernelLayout>()];
+        object
+            .patch_map_data([(names::GLOBAL_LAYOUT, (&marker[..], true))].into())
+            .unwrap_or_else(|e| panic!("global {}: {e}", names::GLOBAL_LAYOUT));
+        let rodata = object
+            .maps
+            .iter()
+            .filter(|(name, _)| name.starts_with(".rodata"))
+            .find(|(_, map)| map.data().windows(marker.len()).any(|w| w == &marker[..]));
+        assert!(
+            rodata.is_some(),
+            "global {} is not in .rodata (frozen, as the verifier needs)",
+            names::GLOBAL_LAYOUT
+        );
     }
 }
