@@ -75,6 +75,10 @@ pub struct TaskRecord {
 
 /// `TaskRecord::flags`: `PF_EXITING` was set.
 pub const TASK_EXITING: u32 = 1;
+/// `TaskRecord::flags`: the task may be stalled, and count in its cgroup's pressure: it is
+/// queued to run, or in an uninterruptible sleep (I/O, memory), or its state is unknown on
+/// this kernel.
+pub const TASK_MAY_STALL: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<TaskCounters>() == 72);
 const _: () = assert!(core::mem::size_of::<TaskRecord>() == 104);
@@ -188,6 +192,10 @@ pub struct KernelLayout {
     pub task_cgroups: u32,
     pub task_start_time: u32,
     pub task_flags: u32,
+    /// `task_struct.__state` (`state`, a long, before 5.14; read as its low 32 bits) and
+    /// `.on_rq` (an int, a u8 from 7.0; read as its low byte): whether the task may stall.
+    pub task_state: u32,
+    pub task_on_rq: u32,
     /// `css_set.dfl_cgrp` (`struct cgroup *`, the v2 cgroup)
     pub css_set_dfl_cgrp: u32,
     /// `cgroup.level`
@@ -244,7 +252,7 @@ const _: () = assert!(core::mem::size_of::<ProcessCounts>() == 24);
 const _: () = assert!(core::mem::size_of::<ClockOffset>() == 8);
 const _: () = assert!(core::mem::size_of::<SliceFilter>() == 8);
 const _: () = assert!(core::mem::size_of::<ProbeStats>() == 32);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 35 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 37 * 4);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -17,7 +17,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
 };
 use monitor_common::{
-    KernelLayout, SliceFilter, TaskCounters, TaskRecord, MAX_NESTING, MISSING, TASK_EXITING,
+    KernelLayout, SliceFilter, TaskCounters, TaskRecord, MAX_NESTING, MISSING, TASK_EXITING, TASK_MAY_STALL,
 };
 
 use crate::maps::stats;
@@ -153,6 +153,24 @@ impl Task {
         let at = layout!(task_flags);
         // SAFETY: a task_struct, at LAYOUT's `task_struct.flags` (an unsigned int; CORE).
         unsafe { self.0.field(at) }
+    }
+
+    /// Whether the task may be stalled now, as pressure stall information counts it: queued
+    /// to run (`on_rq`), or in an uninterruptible sleep (`TASK_UNINTERRUPTIBLE`, which I/O
+    /// and memory waits use). `true` where this kernel lacks either member.
+    #[inline(always)]
+    fn may_stall(self) -> bool {
+        let (state, on_rq) = (layout!(task_state), layout!(task_on_rq));
+        if state == MISSING || on_rq == MISSING {
+            return true;
+        }
+        // SAFETY: a task_struct, at LAYOUT's `task_struct.__state`, not MISSING (checked
+        // above): a u32 (`state`, a long, before 5.14, read as its low 32 bits).
+        let state: u32 = unsafe { self.0.field(state) };
+        // SAFETY: a task_struct, at LAYOUT's `task_struct.on_rq`, not MISSING (checked above):
+        // an int (a u8 from 7.0), read as its low byte.
+        let on_rq: u8 = unsafe { self.0.field(on_rq) };
+        on_rq != 0 || state & TASK_UNINTERRUPTIBLE != 0
     }
 
     /// `cgroups`, the task's cgroup set.
@@ -368,7 +386,8 @@ impl Task {
         r.start_ns = self.start_time();
         r.tid = self.tid();
         r.tgid = self.tgid();
-        r.flags = if self.flags() & PF_EXITING != 0 { TASK_EXITING } else { 0 };
+        let exiting = if self.flags() & PF_EXITING != 0 { TASK_EXITING } else { 0 };
+        r.flags = exiting | if self.may_stall() { TASK_MAY_STALL } else { 0 };
         r._pad = 0;
         self.fill_counters(&mut r.counters, sched_now);
     }
@@ -547,6 +566,10 @@ impl SchedMembers {
 /// `task_struct.flags`: the task has begun to exit (`include/linux/sched.h`, the same value
 /// on every supported kernel).
 const PF_EXITING: u32 = 0x4;
+
+/// `task_struct.__state`: an uninterruptible sleep (`include/linux/sched.h`, the same value
+/// on every supported kernel).
+const TASK_UNINTERRUPTIBLE: u32 = 0x2;
 
 /// Uncharged time above this is not believed: a running task is charged at every tick, and
 /// at least once a second with `nohz_full`.

@@ -77,7 +77,9 @@ pub struct WorkerReadings {
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
     pub model: Option<String>,
-    /// CLOCK_MONOTONIC ns the pressure files were read, and what they said.
+    /// CLOCK_MONOTONIC ns the pressure files were read, and what they said; for a worker none
+    /// of whose tasks can have stalled since the last pass, what they said then (the files
+    /// are not read again).
     pub pressure_at_ns: u64,
     pub pressure: WorkerPressure,
 }

@@ -239,9 +239,11 @@ impl Sampler {
         self.memory.begin_sample();
         self.procs_files.sweep();
         self.pressure_files.sweep();
+        let mut unstalled = self.unstalled(&kernel);
         let mut workers = Vec::with_capacity(cgroups.len());
         for cg in cgroups {
-            if let Some(w) = self.worker(cg, &kernel) {
+            let pressure = unstalled.remove(&cg.id);
+            if let Some(w) = self.worker(cg, &kernel, pressure) {
                 workers.push(w);
             }
         }
@@ -271,8 +273,47 @@ impl Sampler {
         })
     }
 
-    /// One worker's files; `None` when its processes cannot be listed.
-    fn worker(&mut self, cg: Arc<WorkerCgroup>, kernel: &KernelReading) -> Option<WorkerReadings> {
+    /// Workers none of whose tasks can have stalled since their pressure files were last
+    /// read, with what the files said then. None of their tasks was queued to run or in an
+    /// uninterruptible sleep at the last pass or at this one, and none was switched out,
+    /// forked, exec'd or ended in between; a task only enters a stall by running, so the
+    /// files' totals cannot have grown. Reading three files per idle worker was most of the
+    /// daemon's cost on a host of many workers.
+    fn unstalled(&self, kernel: &KernelReading) -> HashMap<u64, pressure::WorkerPressure> {
+        let (Some(now), Some(then)) = (&kernel.may_stall, &self.prev.kernel.may_stall) else {
+            return HashMap::new();
+        };
+        if self.setup.sources.ctx_switches != Source::Ebpf {
+            return HashMap::new();
+        }
+        let activity = |r: &KernelReading, id: u64| {
+            r.workers.get(&id).map(|w| {
+                let c = w.counters;
+                [
+                    c.voluntary_switches,
+                    c.involuntary_switches,
+                    c.processes_forked,
+                    c.execs,
+                    c.processes_exited,
+                ]
+            })
+        };
+        let quiet = |id: u64| {
+            !now.contains(&id)
+                && !then.contains(&id)
+                && activity(kernel, id) == activity(&self.prev.kernel, id)
+        };
+        self.prev.workers.iter().filter(|w| quiet(w.cgroup.id)).map(|w| (w.cgroup.id, w.pressure)).collect()
+    }
+
+    /// One worker's files; `None` when its processes cannot be listed. `unstalled`: its
+    /// pressure as last read, when it cannot have changed since (see `unstalled`).
+    fn worker(
+        &mut self,
+        cg: Arc<WorkerCgroup>,
+        kernel: &KernelReading,
+        unstalled: Option<pressure::WorkerPressure>,
+    ) -> Option<WorkerReadings> {
         // The iterator found every worker's processes; without it, the cgroup files say.
         let procs = match kernel.processes.as_ref() {
             Some(by_worker) => by_worker.get(&cg.id).cloned().unwrap_or_default(),
@@ -305,7 +346,7 @@ impl Sampler {
             .flatten();
         let process_io =
             sources.io_fallback().then(|| self.fallback_io.worker(cg.id, &procs, self.clk_tck)).flatten();
-        let pressure = pressure::read(&mut self.pressure_files, &cg.dir);
+        let pressure = unstalled.unwrap_or_else(|| pressure::read(&mut self.pressure_files, &cg.dir));
         Some(WorkerReadings {
             pressure_at_ns: crate::probes::monotonic_ns(),
             pressure,

@@ -135,3 +135,58 @@ fn stall_shares_equal_the_growth_of_the_pressure_files() {
     );
     drop(spawned);
 }
+
+/// With the probes, a worker none of whose tasks can have stalled since the last pass keeps
+/// the pressure it was last read with (its files are not read again). Its totals must still
+/// equal the files' at every sample: while it sleeps, and once its tasks wake and stall on
+/// CPU, when a carried value would lag by the whole interval's stall.
+#[test]
+fn an_idle_worker_s_pressure_is_carried_and_its_stalls_are_not_missed() {
+    if !bpf_available("pressure_idle") {
+        return;
+    }
+    let cg =
+        TestCgroup::with_v1("pressure_idle", &["cpu"]).unwrap_or_else(|| TestCgroup::new("pressure_idle"));
+    let slice_rel = cg.rel("rbee.slice");
+    let script = format!("sleep 4; exec {HM_LOAD} busy 2 60");
+    let spawned = Spawned(
+        Command::new(DAEMON)
+            .args(["spawn", "--cgroup-root", cg.root.to_str().unwrap(), "--slice", &slice_rel])
+            .args(["--group", "llm", "--instance", "8080", "--cpu-max", "0.5", "--", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start hive-monitor spawn"),
+    );
+    let dir = cg.dir.join("rbee.slice/llm/8080");
+    wait_for(
+        || std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()),
+        Duration::from_secs(10),
+        "the spawned worker's process",
+    );
+    let slice = Slice::new(&cg.root, &slice_rel).expect("slice");
+    let mut sampler = Sampler::with_options(slice, SamplerOptions::default()).expect("sampler");
+    let (mut idle, mut stalled) = (0, 0);
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(800));
+        let sample = sampler.sample().expect("sample");
+        // Read right after the sample: the files can only have grown since, by what a few
+        // milliseconds of stall add.
+        let file = psi_total_ns(&dir, "cpu", "some");
+        let ours = worker(&sample).pressure[0].and_then(|p| p.some_ns);
+        let (Some(file), Some(ours)) = (file, ours) else {
+            assert_eq!(file.is_some(), ours.is_some(), "sample {i}: file {file:?}, figure {ours:?}");
+            return;
+        };
+        let behind =
+            file.checked_sub(ours).unwrap_or_else(|| panic!("sample {i}: {ours} ns above the file's {file}"));
+        eprintln!("sample {i}: cpu some {ours} ns, the file {file} ns ({behind} ns behind)");
+        assert!(behind < 50_000_000, "sample {i}: the figure lags the file by {behind} ns");
+        match worker(&sample).pressure[0].and_then(|p| p.some_pct) {
+            Some(0.0) => idle += 1,
+            Some(p) if p > 10.0 => stalled += 1,
+            _ => {}
+        }
+    }
+    assert!(idle >= 2 && stalled >= 3, "not the case needed: {idle} idle and {stalled} stalled intervals");
+    drop(spawned);
+}

@@ -55,6 +55,8 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         task_cgroups: r.member(&member("task_struct.cgroups", "task_struct", &[&["cgroups"]])),
         task_start_time: r.member(&member("task_struct.start_time", "task_struct", &[&["start_time"]])),
         task_flags: r.member(&member("task_struct.flags", "task_struct", &[&["flags"]])),
+        task_state: r.member(&TASK_STATE[0]),
+        task_on_rq: r.member(&TASK_STATE[1]),
         css_set_dfl_cgrp: r.member(&member("css_set.dfl_cgrp", "css_set", &[&["dfl_cgrp"]])),
         cgroup_level: r.member(&member("cgroup.level", "cgroup", &[&["level"]])),
         cgroup_kn: r.member(&member("cgroup.kn", "cgroup", &[&["kn"]])),
@@ -138,6 +140,11 @@ pub const SWITCHES: [Member; 2] = [
 pub const SYSCALL_IO: [Member; 2] = [
     member("task_struct.ioac.rchar", "task_struct", &[&["ioac", "rchar"]]),
     member("task_struct.ioac.wchar", "task_struct", &[&["ioac", "wchar"]]),
+];
+/// Whether a task may stall (`TASK_MAY_STALL`); without them every task may. Renamed in 5.14.
+pub const TASK_STATE: [Member; 2] = [
+    member("task_struct.__state", "task_struct", &[&["__state"], &["state"]]),
+    member("task_struct.on_rq", "task_struct", &[&["on_rq"]]),
 ];
 pub const READ_BYTES: Member =
     member("task_struct.ioac.read_bytes", "task_struct", &[&["ioac", "read_bytes"]]);

@@ -16,7 +16,7 @@ use aya::{
 };
 use monitor_common::{
     names, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS,
-    MAX_WORKERS, TASK_EXITING,
+    MAX_WORKERS, TASK_EXITING, TASK_MAY_STALL,
 };
 
 use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
@@ -115,6 +115,17 @@ pub struct KernelReading {
     /// Worker cgroup id → its processes (thread group ids, sorted) not exiting, as the
     /// iterator found them; `None` without the iterator.
     pub processes: Option<HashMap<u64, Vec<u32>>>,
+    /// Workers with a task that may be stalled (`TASK_MAY_STALL`) as the iterator passed it;
+    /// `None` without the iterator.
+    pub may_stall: Option<HashSet<u64>>,
+}
+
+/// What one pass of the task iterator found besides the ledger's counts.
+struct Pass {
+    at_ns: u64,
+    kernel_ns: u64,
+    processes: HashMap<u64, Vec<u32>>,
+    may_stall: HashSet<u64>,
 }
 
 impl Probes {
@@ -271,9 +282,9 @@ impl Probes {
         }
         let mut events = self.drain_events();
         self.ledger.begin_pass();
-        let (at_ns, kernel_ns, processes) = match self.availability_of_iterator() {
-            true => self.iterate().map(|(at, k, p)| (at, k, Some(p)))?,
-            false => (monotonic_ns(), 0, None),
+        let (at_ns, kernel_ns, processes, may_stall) = match self.availability_of_iterator() {
+            true => self.iterate().map(|p| (p.at_ns, p.kernel_ns, Some(p.processes), Some(p.may_stall)))?,
+            false => (monotonic_ns(), 0, None, None),
         };
         events.extend(self.finals_of_the_unseen());
         self.ledger.end_pass(at_ns);
@@ -322,7 +333,7 @@ impl Probes {
             .into_iter()
             .filter(|e| e.kind != TaskEventKind::Free as u32 && e.kind != TaskEventKind::Moved as u32)
             .collect();
-        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events, processes })
+        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events, processes, may_stall })
     }
 
     fn availability_of_iterator(&self) -> bool {
@@ -371,10 +382,8 @@ impl Probes {
         events
     }
 
-    /// Runs the task iterator once and folds its records into the ledger; returns when it
-    /// started (CLOCK_MONOTONIC ns), the CPU time it took this thread (ns), and each
-    /// worker's processes.
-    fn iterate(&mut self) -> Result<(u64, u64, HashMap<u64, Vec<u32>>)> {
+    /// Runs the task iterator once and folds its records into the ledger.
+    fn iterate(&mut self) -> Result<Pass> {
         let program: &mut Iter = self
             .ebpf
             .program_mut(figures::TASK_COUNTERS)
@@ -398,6 +407,7 @@ impl Probes {
         let kernel_ns = thread_cpu_ns().saturating_sub(cpu_before);
         const SIZE: usize = std::mem::size_of::<TaskRecord>();
         let mut processes: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut may_stall = HashSet::new();
         for chunk in bytes.chunks_exact(SIZE) {
             // SAFETY: each chunk is one TaskRecord the program wrote, plain old data.
             let record = unsafe { chunk.as_ptr().cast::<TaskRecord>().read_unaligned() };
@@ -405,12 +415,15 @@ impl Probes {
             if record.flags & TASK_EXITING == 0 {
                 processes.entry(record.worker).or_default().push(record.tgid);
             }
+            if record.flags & TASK_MAY_STALL != 0 {
+                may_stall.insert(record.worker);
+            }
         }
         for pids in processes.values_mut() {
             pids.sort_unstable();
             pids.dedup();
         }
-        Ok((at_ns, kernel_ns, processes))
+        Ok(Pass { at_ns, kernel_ns, processes, may_stall })
     }
 }
 
