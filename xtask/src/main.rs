@@ -249,7 +249,8 @@ fn setup(root: &Path) -> Result<()> {
 }
 
 fn build(root: &Path) -> Result<()> {
-    run(Command::new(cargo()).current_dir(root).args(["build", "--release", "--package", "monitor-user"]))
+    let packages = ["--package", "monitor-user", "--package", "monitor-coordinator"];
+    run(Command::new(cargo()).current_dir(root).args(["build", "--release"]).args(packages))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
