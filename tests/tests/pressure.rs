@@ -47,30 +47,16 @@ impl Drop for Spawned {
     }
 }
 
-#[test]
-fn stall_shares_equal_the_growth_of_the_pressure_files() {
-    if !bpf_available("pressure") {
-        return;
-    }
+/// Worker `llm/8080` running `command` under `hive-monitor spawn --cpu-max 0.5`, once its
+/// process is in; returns the test cgroup, the spawned daemon and the worker's directory.
+fn spawn_half_core(name: &str, command: &[&str]) -> (TestCgroup, Spawned, std::path::PathBuf) {
     // On a hybrid host the CPU limit goes to the v1 cpu hierarchy.
-    let cg = TestCgroup::with_v1("pressure", &["cpu"]).unwrap_or_else(|| TestCgroup::new("pressure"));
-    let slice_rel = cg.rel("rbee.slice");
+    let cg = TestCgroup::with_v1(name, &["cpu"]).unwrap_or_else(|| TestCgroup::new(name));
     let spawned = Spawned(
         Command::new(DAEMON)
-            .args(["spawn", "--cgroup-root", cg.root.to_str().unwrap(), "--slice", &slice_rel])
-            .args([
-                "--group",
-                "llm",
-                "--instance",
-                "8080",
-                "--cpu-max",
-                "0.5",
-                "--",
-                HM_LOAD,
-                "busy",
-                "2",
-                "60",
-            ])
+            .args(["spawn", "--cgroup-root", cg.root.to_str().unwrap(), "--slice", &cg.rel("rbee.slice")])
+            .args(["--group", "llm", "--instance", "8080", "--cpu-max", "0.5", "--"])
+            .args(command)
             .stdin(Stdio::null())
             .spawn()
             .expect("start hive-monitor spawn"),
@@ -81,7 +67,16 @@ fn stall_shares_equal_the_growth_of_the_pressure_files() {
         Duration::from_secs(10),
         "the spawned worker's process",
     );
-    let slice = Slice::new(&cg.root, &slice_rel).expect("slice");
+    (cg, spawned, dir)
+}
+
+#[test]
+fn stall_shares_equal_the_growth_of_the_pressure_files() {
+    if !bpf_available("pressure") {
+        return;
+    }
+    let (cg, spawned, dir) = spawn_half_core("pressure", &[HM_LOAD, "busy", "2", "60"]);
+    let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
     let options = SamplerOptions { bpf: BpfMode::Off, ..Default::default() };
     let mut sampler = Sampler::with_options(slice, options).expect("sampler");
 
@@ -145,25 +140,9 @@ fn an_idle_worker_s_pressure_is_carried_and_its_stalls_are_not_missed() {
     if !bpf_available("pressure_idle") {
         return;
     }
-    let cg =
-        TestCgroup::with_v1("pressure_idle", &["cpu"]).unwrap_or_else(|| TestCgroup::new("pressure_idle"));
-    let slice_rel = cg.rel("rbee.slice");
     let script = format!("sleep 4; exec {HM_LOAD} busy 2 60");
-    let spawned = Spawned(
-        Command::new(DAEMON)
-            .args(["spawn", "--cgroup-root", cg.root.to_str().unwrap(), "--slice", &slice_rel])
-            .args(["--group", "llm", "--instance", "8080", "--cpu-max", "0.5", "--", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start hive-monitor spawn"),
-    );
-    let dir = cg.dir.join("rbee.slice/llm/8080");
-    wait_for(
-        || std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()),
-        Duration::from_secs(10),
-        "the spawned worker's process",
-    );
-    let slice = Slice::new(&cg.root, &slice_rel).expect("slice");
+    let (cg, spawned, dir) = spawn_half_core("pressure_idle", &["sh", "-c", &script]);
+    let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).expect("slice");
     let mut sampler = Sampler::with_options(slice, SamplerOptions::default()).expect("sampler");
     let (mut idle, mut stalled) = (0, 0);
     for i in 0..10 {
