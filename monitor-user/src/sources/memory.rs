@@ -10,6 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use rustc_hash::FxBuildHasher;
+
 use crate::{
     error::{Error, Result},
     sources::{cgroup, KeptFiles},
@@ -50,15 +52,17 @@ pub struct MemorySource {
     /// Main process → its v1 memory cgroup, as of the last lookup, and whether that had
     /// child cgroups then (a child made since holds processes missing from the listing, so
     /// the figure is summed from `/proc` until the next lookup: never a wrong one).
-    v1_dirs: HashMap<u32, (PathBuf, bool)>,
+    v1_dirs: HashMap<u32, (PathBuf, bool), FxBuildHasher>,
     /// The processes of each v1 memory cgroup looked at during this sample.
-    v1_members: HashMap<PathBuf, HashSet<u32>>,
+    v1_members: HashMap<PathBuf, HashSet<u32, FxBuildHasher>, FxBuildHasher>,
     /// v1 memory cgroups that the main processes of two or more workers are in: such a
     /// cgroup holds more than any one worker, so its members need no listing (on a host
     /// whose workers all share one, that listing would be every worker's processes, sorted,
     /// once a sample).
     /// (Keyed by the path's bytes: a `Path` hashes component by component.)
-    v1_shared: HashSet<OsString>,
+    v1_shared: HashSet<OsString, FxBuildHasher>,
+    /// Whether `v1_dirs` changed since `v1_shared` was worked out.
+    v1_dirs_changed: bool,
     samples: u64,
     /// The memory files of the workers and their processes, kept open.
     files: KeptFiles,
@@ -68,9 +72,10 @@ impl MemorySource {
     pub fn new(v1_mount: Option<PathBuf>) -> Self {
         Self {
             v1_mount,
-            v1_dirs: HashMap::new(),
-            v1_members: HashMap::new(),
-            v1_shared: HashSet::new(),
+            v1_dirs: HashMap::default(),
+            v1_members: HashMap::default(),
+            v1_shared: HashSet::default(),
+            v1_dirs_changed: false,
             samples: 0,
             files: KeptFiles::default(),
         }
@@ -83,6 +88,10 @@ impl MemorySource {
         self.samples += 1;
         if self.samples.is_multiple_of(V1_DIR_REFRESH) {
             self.v1_dirs.clear();
+            self.v1_dirs_changed = true;
+        }
+        if !std::mem::take(&mut self.v1_dirs_changed) {
+            return;
         }
         let mut seen = HashSet::new();
         self.v1_shared = self
@@ -96,7 +105,9 @@ impl MemorySource {
 
     /// Forgets the main processes not in `live`.
     pub fn retain_mains(&mut self, live: impl Fn(u32) -> bool) {
+        let before = self.v1_dirs.len();
         self.v1_dirs.retain(|pid, _| live(*pid));
+        self.v1_dirs_changed |= self.v1_dirs.len() != before;
     }
 
     /// Reads a worker's memory. `dir` is its v2 cgroup, `procs` every process in it and
@@ -119,6 +130,7 @@ impl MemorySource {
                 Entry::Vacant(e) => {
                     let dir = v1_memory_dir(mount, main)?;
                     let nested = cgroup::has_children(&dir);
+                    self.v1_dirs_changed = true;
                     e.insert((dir, nested))
                 }
             };

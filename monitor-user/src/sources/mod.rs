@@ -10,7 +10,7 @@ pub mod procfs;
 /// `std::fs::read_to_string` it asks for no size hint (a `statx` and an `lseek` per file,
 /// meaningless for these files), which matters at thousands of reads a second.
 pub fn read_small(path: &std::path::Path) -> std::io::Result<String> {
-    read_from_start(&std::fs::File::open(path)?)
+    read_from_start(&std::fs::File::open(path)?, &mut Vec::new())
 }
 
 /// Kernel files kept open from one sample to the next and read again from offset 0, which
@@ -22,8 +22,10 @@ pub fn read_small(path: &std::path::Path) -> std::io::Result<String> {
 #[derive(Default)]
 pub struct KeptFiles {
     /// Keyed by the path's bytes: hashing and comparing a `Path` walks its components,
-    /// which showed in profiles at thousands of reads a second.
-    files: std::collections::HashMap<std::ffi::OsString, (std::fs::File, bool)>,
+    /// which showed in profiles at thousands of reads a second (as did std's SipHash).
+    files: std::collections::HashMap<std::ffi::OsString, (std::fs::File, bool), rustc_hash::FxBuildHasher>,
+    /// Reused by every read: a fresh zeroed page per file was a tenth of the reading.
+    buf: Vec<u8>,
 }
 
 /// Descriptors left for everything else: sockets, the probes' maps and programs, libraries,
@@ -53,16 +55,16 @@ impl KeptFiles {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some((file, used)) = self.files.get_mut(path.as_os_str()) {
             *used = true;
-            match read_from_start(file) {
+            match read_from_start(file, &mut self.buf) {
                 Ok(text) => return Ok(text),
                 Err(_) => self.forget(path),
             }
         }
         if KEPT.load(Relaxed) >= kept_limit() {
-            return read_small(path);
+            return read_from_start(&std::fs::File::open(path)?, &mut self.buf);
         }
         let file = std::fs::File::open(path)?;
-        let text = read_from_start(&file)?;
+        let text = read_from_start(&file, &mut self.buf)?;
         self.files.insert(path.as_os_str().to_owned(), (file, true));
         KEPT.fetch_add(1, Relaxed);
         Ok(text)
@@ -93,10 +95,13 @@ impl Drop for KeptFiles {
 /// buffer cannot take the next record (each well under half a page here), so such a read
 /// ends the file. That spares a second system call per file, which for thousands of files
 /// a sample is a large part of the daemon's cost.
-fn read_from_start(file: &std::fs::File) -> std::io::Result<String> {
+fn read_from_start(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<String> {
     use std::os::unix::fs::FileExt;
     const BUF: usize = 4096;
-    let (mut buf, mut len) = (vec![0u8; BUF], 0);
+    if buf.len() < BUF {
+        buf.resize(BUF, 0);
+    }
+    let mut len = 0;
     loop {
         if len == buf.len() {
             buf.resize(len * 2, 0);
@@ -114,6 +119,7 @@ fn read_from_start(file: &std::fs::File) -> std::io::Result<String> {
             Err(e) => return Err(e),
         }
     }
-    buf.truncate(len);
-    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    std::str::from_utf8(&buf[..len])
+        .map(str::to_owned)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
