@@ -953,8 +953,38 @@ struct HostCase {
     place: Place,
     without: Vec<f64>,
     with: Vec<f64>,
+    /// Per monitored run: the CPU the daemon and its programs used during it, as a share
+    /// of the CPUs the load ran on.
+    monitor_share: Vec<f64>,
     errors: Vec<String>,
 }
+
+/// CPUs this process may run on: the loads other than the pinned ping-pong use them all.
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The daemon's CPU time (all threads) plus its programs' run time, ns.
+fn monitor_cpu_ns(pid: u32) -> u64 {
+    process_cpu_ns(pid) + bpf_run(pid).map_or(0, |b| b.run_ns)
+}
+
+/// 95 % interval of the ratio of medians (with / without), by resampling each side's
+/// rounds: how far the ratio could be from what a quieter machine would measure.
+fn ratio_interval(without: &[f64], with: &[f64]) -> Option<(f64, f64)> {
+    if without.len() < 4 || with.len() < 4 {
+        return None;
+    }
+    // Seeded: the same rounds give the same interval.
+    let mut rng = fastrand::Rng::with_seed(0x6869_7665);
+    let mut resample = |v: &[f64]| median(&(0..v.len()).map(|_| v[rng.usize(..v.len())]).collect::<Vec<_>>());
+    let mut ratios: Vec<f64> = (0..RESAMPLES).map(|_| resample(with) / resample(without)).collect();
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| ratios[((RESAMPLES - 1) as f64 * p).round() as usize];
+    Some((at(0.025), at(0.975)))
+}
+
+const RESAMPLES: usize = 2000;
 
 fn host_cost(args: &Args) -> Value {
     println!(
@@ -1015,10 +1045,13 @@ fn host_cost(args: &Args) -> Value {
                 place,
                 without: Vec::new(),
                 with: Vec::new(),
+                monitor_share: Vec::new(),
                 errors: Vec::new(),
             })
         })
         .collect();
+    // Counts the programs' run time, for the monitor's share of each monitored run.
+    let _stats = BpfStats::enable();
     let started = Instant::now();
     for round in 0..HOST_ROUNDS {
         // ABBA: odd rounds start with the daemon, so a drift of the host weighs on both alike.
@@ -1027,7 +1060,18 @@ fn host_cost(args: &Args) -> Value {
             let daemon = monitored.then(|| Daemon::start(args, &cg, "host").ready());
             for case in &mut cases {
                 let dir = if case.place == Place::Inside { &inside } else { &outside };
-                match run_load(args, &tools, case.load, dir, cpu) {
+                let before = daemon.as_ref().map(|d| (Instant::now(), monitor_cpu_ns(d.pid())));
+                let result = run_load(args, &tools, case.load, dir, cpu);
+                if let (Some(d), Some((t0, c0)), Ok(_)) = (&daemon, before, &result) {
+                    let cpus = if matches!(case.load, Load::PerfPipe(_) | Load::PingPong(_)) {
+                        1
+                    } else {
+                        usable_cpus()
+                    };
+                    let used = monitor_cpu_ns(d.pid()).saturating_sub(c0) as f64;
+                    case.monitor_share.push(used / (t0.elapsed().as_nanos() as f64 * cpus as f64));
+                }
+                match result {
                     Ok(v) if monitored => case.with.push(v),
                     Ok(v) => case.without.push(v),
                     Err(e) => {
@@ -1041,17 +1085,46 @@ fn host_cost(args: &Args) -> Value {
         println!("   round {}/{HOST_ROUNDS} done ({} s)", round + 1, started.elapsed().as_secs());
     }
 
+    let rows = host_table(&cases, pipe);
+    json!({ "rounds": HOST_ROUNDS, "pipe_cpu": cpu, "notes": notes, "rows": rows })
+}
+
+/// Prints the host-cost table; returns its rows as JSON.
+fn host_table(cases: &[HostCase], pipe: Load) -> Vec<Value> {
     println!(
-        "\n| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} | {:>7} |",
-        "workload", "where", "without (median)", "with (median)", "ratio", "target", "meets", "noise"
+        "\n| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>13} | {:>6} | {:<12} | {:>7} | {:>8} |",
+        "workload",
+        "where",
+        "without (median)",
+        "with (median)",
+        "ratio",
+        "95% interval",
+        "target",
+        "meets",
+        "noise",
+        "monitor"
     );
-    println!("|{:-<40}|{:-<19}|{:->18}|{:->18}|{:->8}|{:->8}|{:-<7}|{:->9}|", "", "", "", "", "", "", "", "");
+    println!(
+        "|{:-<40}|{:-<19}|{:->18}|{:->18}|{:->8}|{:->15}|{:->8}|{:-<14}|{:->9}|{:->10}|",
+        "", "", "", "", "", "", "", "", "", ""
+    );
     let mut rows = Vec::new();
-    for case in &cases {
+    for case in cases {
         let (a, b) = (median(&case.without), median(&case.with));
         let ratio = (!case.without.is_empty() && !case.with.is_empty()).then(|| b / a);
         let target = case.place.target();
         let meets = ratio.map(|r| r >= target);
+        let interval = ratio_interval(&case.without, &case.with);
+        // Only an interval wholly on one side of the target says which side the cost is on.
+        let verdict = match (meets, interval) {
+            (None, _) => "n/a",
+            (Some(_), Some((lo, _))) if lo >= target => "yes",
+            (Some(_), Some((_, hi))) if hi < target => "no",
+            (Some(_), Some(_)) => "within noise",
+            (Some(true), None) => "yes",
+            (Some(false), None) => "no",
+        };
+        let share = (!case.monitor_share.is_empty()).then(|| median(&case.monitor_share));
         let cell = |v: f64, n: usize| match n {
             0 => "failed".to_string(),
             _ if v >= 1000.0 => format!("{v:.0}"),
@@ -1060,19 +1133,17 @@ fn host_cost(args: &Args) -> Value {
         };
         let spread = noise(&case.without);
         println!(
-            "| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>6} | {:<5} | {:>7} |",
+            "| {:<38} | {:<17} | {:>16} | {:>16} | {:>6} | {:>13} | {:>6} | {:<12} | {:>7} | {:>8} |",
             case.load.name(),
             case.place.name(),
             cell(a, case.without.len()),
             cell(b, case.with.len()),
             ratio.map_or("n/a".into(), |r| format!("{r:.3}")),
+            interval.map_or("n/a".into(), |(lo, hi)| format!("{lo:.3}–{hi:.3}")),
             format!("≥{target}"),
-            match meets {
-                Some(true) => "yes",
-                Some(false) => "no",
-                None => "n/a",
-            },
-            if spread.is_nan() { "n/a".to_string() } else { format!("±{:.1}%", spread * 100.0) }
+            verdict,
+            if spread.is_nan() { "n/a".to_string() } else { format!("±{:.1}%", spread * 100.0) },
+            share.map_or("n/a".into(), |s| format!("{:.3}%", s * 100.0))
         );
         rows.push(json!({
             "workload": case.load.short(), "command": case.load.name(), "unit": case.load.unit(),
@@ -1080,6 +1151,8 @@ fn host_cost(args: &Args) -> Value {
             "without_median": (!case.without.is_empty()).then_some(a),
             "with_median": (!case.with.is_empty()).then_some(b),
             "ratio": ratio, "target": target, "meets_target": meets, "errors": case.errors,
+            "ratio_interval_95": interval.map(|(lo, hi)| [lo, hi]), "verdict": verdict,
+            "monitor_share": case.monitor_share, "monitor_share_median": share,
             "noise_half_iqr": (!spread.is_nan()).then_some(spread),
         }));
     }
@@ -1087,7 +1160,16 @@ fn host_cost(args: &Args) -> Value {
     println!(
         "   noise: half the interquartile range of the runs without the monitor, relative to their median"
     );
-    json!({ "rounds": HOST_ROUNDS, "pipe_cpu": cpu, "notes": notes, "rows": rows })
+    println!(
+        "   95% interval: of the ratio, resampling each side's rounds ({RESAMPLES}×); meets: yes or no only when the\n   \
+         whole interval is on one side of the target, else within noise"
+    );
+    println!(
+        "   monitor: median CPU the daemon and its programs (bpf_stats run time) used during a monitored run, as a\n   \
+         share of the CPUs the load ran on (the pinned ping-pong's one, all {} for the others)",
+        usable_cpus()
+    );
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1208,5 +1290,17 @@ mod tests {
     fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn the_ratio_interval_holds_the_ratio_and_narrows_with_the_noise() {
+        let noisy = [90.0, 110.0, 95.0, 105.0, 100.0, 80.0, 120.0, 100.0, 98.0];
+        let (lo, hi) = ratio_interval(&noisy, &noisy).unwrap();
+        assert!(lo < 1.0 && hi > 1.0, "{lo}–{hi}");
+        let quiet = [100.0, 100.5, 99.5, 100.2, 99.8, 100.1, 99.9, 100.0, 100.3];
+        let slower: Vec<f64> = quiet.iter().map(|v| v * 0.95).collect();
+        let (lo2, hi2) = ratio_interval(&quiet, &slower).unwrap();
+        assert!(hi2 < 0.99 && lo2 > 0.9 && hi2 - lo2 < hi - lo, "{lo2}–{hi2}");
+        assert_eq!(ratio_interval(&quiet[..3], &slower), None, "too few rounds");
     }
 }
