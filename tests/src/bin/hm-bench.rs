@@ -774,6 +774,13 @@ impl Load {
             Load::Http => "requests/s",
         }
     }
+    /// CPUs the load runs on: the ping-pong is pinned to one.
+    fn cpus(self) -> usize {
+        match self {
+            Load::PerfPipe(_) | Load::PingPong(_) => 1,
+            Load::Hackbench | Load::Http => usable_cpus(),
+        }
+    }
     fn short(self) -> &'static str {
         match self {
             Load::PerfPipe(_) | Load::PingPong(_) => "pipe ping-pong",
@@ -1063,13 +1070,9 @@ fn host_cost(args: &Args) -> Value {
                 let before = daemon.as_ref().map(|d| (Instant::now(), monitor_cpu_ns(d.pid())));
                 let result = run_load(args, &tools, case.load, dir, cpu);
                 if let (Some(d), Some((t0, c0)), Ok(_)) = (&daemon, before, &result) {
-                    let cpus = if matches!(case.load, Load::PerfPipe(_) | Load::PingPong(_)) {
-                        1
-                    } else {
-                        usable_cpus()
-                    };
                     let used = monitor_cpu_ns(d.pid()).saturating_sub(c0) as f64;
-                    case.monitor_share.push(used / (t0.elapsed().as_nanos() as f64 * cpus as f64));
+                    case.monitor_share
+                        .push(used / (t0.elapsed().as_nanos() as f64 * case.load.cpus() as f64));
                 }
                 match result {
                     Ok(v) if monitored => case.with.push(v),
