@@ -129,7 +129,7 @@ pub fn test_kernels(root: &Path, opts: Opts) -> Result<()> {
                 let Some(i) = queue.lock().unwrap().pop() else { break };
                 let k = &kernels[i];
                 println!("kernels: booting {} ({})", k.suite, k.release);
-                let boot = boot(k, common, opts).unwrap_or_else(|e| Boot::failed(format!("{e:#}")));
+                let boot = boot_retrying_a_hang(k, common, opts);
                 println!(
                     "kernels: {} done in {:.1} s: {}",
                     k.suite,
@@ -766,6 +766,8 @@ struct Boot {
     boot_seconds: Option<f64>,
     modules: Vec<String>,
     error: Option<String>,
+    /// Why an earlier attempt was thrown away: the emulated guest hung before its init ran.
+    retried: Option<String>,
 }
 
 impl Boot {
@@ -776,6 +778,27 @@ impl Boot {
     fn passed(&self) -> bool {
         self.error.is_none() && !self.rows.is_empty() && self.rows.iter().all(|r| r["pass"] == true)
     }
+}
+
+/// A guest normally reaches its init in under 15 s of emulation; one that has printed nothing
+/// by this time has hung in the emulator or the kernel's own start, before any code of ours ran.
+const INIT_DEADLINE: Duration = Duration::from_secs(150);
+
+/// Boots `k`, and boots it once more if the first guest hung before its init ran: that hang
+/// (seen once in CI, under TCG, with an empty console) says nothing about the monitor, and a
+/// failure after the init started is never retried.
+fn boot_retrying_a_hang(k: &Kernel, common: &Path, opts: &Opts) -> Boot {
+    let attempt = || boot(k, common, opts).unwrap_or_else(|e| Boot::failed(format!("{e:#}")));
+    let first = attempt();
+    if first.error.is_none() || first.boot_seconds.is_some() {
+        return first;
+    }
+    let why = first.error.unwrap_or_default();
+    println!("kernels: {} hung before its init ({why}); booting it once more", k.suite);
+    let mut second = attempt();
+    second.seconds += first.seconds;
+    second.retried = Some(why);
+    second
 }
 
 fn boot(k: &Kernel, common: &Path, opts: &Opts) -> Result<Boot> {
@@ -830,19 +853,7 @@ fn boot(k: &Kernel, common: &Path, opts: &Opts) -> Result<Boot> {
             buf.clear();
         }
     });
-    let deadline = started + Duration::from_secs(opts.timeout);
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().ok();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (status, timed_out) = wait_for_guest(&mut child, &lines, started, opts)?;
     let _ = reader.join();
     let mut stderr = String::new();
     if let Some(mut e) = child.stderr.take() {
@@ -874,12 +885,46 @@ fn boot(k: &Kernel, common: &Path, opts: &Opts) -> Result<Boot> {
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         b.error = Some(format!(
             "{} before the checker finished (qemu {status:?}{}); serial tail: {}",
-            if timed_out { format!("timed out after {} s", opts.timeout) } else { "guest stopped".into() },
+            match timed_out {
+                Some(s) if b.boot_seconds.is_none() => format!("no init after {s} s"),
+                Some(s) => format!("timed out after {s} s"),
+                None => "guest stopped".into(),
+            },
             if stderr.trim().is_empty() { String::new() } else { format!(", stderr: {}", stderr.trim()) },
             tail.join(" | ")
         ));
     }
     Ok(b)
+}
+
+/// Waits for qemu to end, killing it at the deadline, or early when the guest has not reached
+/// its init in time. Returns qemu's status and, when it was killed, after how many seconds.
+fn wait_for_guest(
+    child: &mut std::process::Child,
+    lines: &Mutex<Vec<(f64, String)>>,
+    started: Instant,
+    opts: &Opts,
+) -> Result<(Option<std::process::ExitStatus>, Option<u64>)> {
+    let deadline = started + Duration::from_secs(opts.timeout);
+    let init_deadline = started + INIT_DEADLINE.min(Duration::from_secs(opts.timeout));
+    let (mut timed_out, mut reached_init) = (None, false);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        let now = Instant::now();
+        if !reached_init && now > init_deadline {
+            reached_init = lines.lock().unwrap().iter().any(|(_, l)| l.contains("HM-BOOT "));
+        }
+        let hung = now > init_deadline && !reached_init;
+        if now > deadline || hung {
+            timed_out = Some(if hung { INIT_DEADLINE.as_secs() } else { opts.timeout });
+            let _ = child.kill();
+            break child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Ok((status, timed_out))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -894,6 +939,13 @@ fn fmt_num(v: &Value) -> String {
     }
 }
 
+/// One line of the per-check table.
+fn row([kernel, check, figure, monitor, reference, error, bound, source, pass]: [&str; 9], note: &str) {
+    println!(
+        "{kernel:<29} {check:<23} {figure:<29} {monitor:>13} {reference:>13} {error:>9} {bound:>6} {source:<6} {pass:<4}  {note}"
+    );
+}
+
 fn report(
     dir: &Path,
     kernels: &[Kernel],
@@ -902,36 +954,38 @@ fn report(
     [fetch, btf, build, boots, total]: [Duration; 5],
 ) -> Result<()> {
     println!();
-    println!(
-        "{:<29} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  note",
-        "kernel", "check", "figure", "monitor", "reference", "error", "bound", "source", "pass"
-    );
+    row(["kernel", "check", "figure", "monitor", "reference", "error", "bound", "source", "pass"], "note");
     let mut out_kernels = Vec::new();
     let (mut passed, mut failed) = (0, 0);
     for (i, k) in kernels.iter().enumerate() {
         let b = &results[&i];
         let name = format!("{} {}", k.suite, k.release.split('-').next().unwrap_or(&k.release));
         if let Some(e) = &b.error {
-            println!(
-                "{name:<29} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {e}",
-                "boot", "", "-", "-", "-", "-", "-", "FAIL"
+            row([&name, "boot", "", "-", "-", "-", "-", "-", "FAIL"], e);
+        }
+        if let Some(why) = &b.retried {
+            row(
+                [&name, "boot retried", "", "-", "-", "-", "-", "-", "-"],
+                &format!("first boot thrown away: {why}"),
             );
         }
         for r in &b.rows {
             let unit = r["unit"].as_str().unwrap_or("");
             let error = r["error"].as_f64().map_or("-".into(), |e| format!("{e:.3}{unit}"));
             let bound = r["bound"].as_f64().map_or("-".into(), |e| format!("{e:.3}"));
-            println!(
-                "{name:<29} {:<23} {:<29} {:>13} {:>13} {:>9} {:>6} {:<6} {:<4}  {}",
-                r["check"].as_str().unwrap_or(""),
-                r["figure"].as_str().unwrap_or(""),
-                fmt_num(&r["monitor"]),
-                fmt_num(&r["reference"]),
-                error,
-                bound,
-                r["source"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
-                if r["pass"] == true { "ok" } else { "FAIL" },
-                r["note"].as_str().unwrap_or("")
+            row(
+                [
+                    &name,
+                    r["check"].as_str().unwrap_or(""),
+                    r["figure"].as_str().unwrap_or(""),
+                    &fmt_num(&r["monitor"]),
+                    &fmt_num(&r["reference"]),
+                    &error,
+                    &bound,
+                    r["source"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
+                    if r["pass"] == true { "ok" } else { "FAIL" },
+                ],
+                r["note"].as_str().unwrap_or(""),
             );
         }
         if b.passed() {
@@ -942,6 +996,7 @@ fn report(
         out_kernels.push(json!({
             "suite": k.suite, "release": k.release, "version": k.version, "packages": k.packages,
             "modules_loaded": b.modules, "seconds": b.seconds, "boot_to_init_seconds": b.boot_seconds,
+            "retried": b.retried,
             "error": b.error, "pass": b.passed(), "checks": b.rows,
             "serial_log": k.work.join("serial.log"),
         }));
