@@ -12,7 +12,10 @@ pub mod names {
     pub const MAP_CLOCK: &str = "CLOCK";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_STATS: &str = "STATS";
-    pub const MAPS: [&str; 5] = [MAP_WORKERS, MAP_SLICE, MAP_CLOCK, MAP_EVENTS, MAP_STATS];
+    pub const MAP_CPU_BASE: &str = "CPU_BASE";
+    pub const MAP_CPU_OFFSETS: &str = "CPU_OFFSETS";
+    pub const MAPS: [&str; 7] =
+        [MAP_WORKERS, MAP_SLICE, MAP_CLOCK, MAP_EVENTS, MAP_STATS, MAP_CPU_BASE, MAP_CPU_OFFSETS];
 
     /// The task iterator and the lifecycle tracepoints.
     pub const TASK_COUNTERS: &str = "task_counters";
@@ -80,8 +83,36 @@ pub const TASK_EXITING: u32 = 1;
 /// this kernel.
 pub const TASK_MAY_STALL: u32 = 2;
 
+/// `TaskRecord::flags`: the record is a process's (its thread group leader's), and the
+/// iterator read the process's resident memory (`IterRecord::memory`).
+pub const TASK_HAS_MEMORY: u32 = 4;
+/// `TaskRecord::flags`: the record is a process's, and its memory could not be read (its
+/// worker's memory is then read from `/proc`).
+pub const TASK_MEMORY_UNREADABLE: u32 = 8;
+
+/// A process's resident pages by kind, as its `mm_struct.rss_stat` counts them: the figures
+/// `/proc/<pid>/statm` and `status` print (`RssFile`, `RssAnon`, `RssShmem`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessMemory {
+    pub file_pages: u64,
+    pub anon_pages: u64,
+    pub shmem_pages: u64,
+}
+
+/// What the task iterator writes for each task of a worker: its record and, for a thread
+/// group leader (`TASK_HAS_MEMORY`), its process's memory; zeroes otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IterRecord {
+    pub task: TaskRecord,
+    pub memory: ProcessMemory,
+}
+
 const _: () = assert!(core::mem::size_of::<TaskCounters>() == 72);
 const _: () = assert!(core::mem::size_of::<TaskRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<ProcessMemory>() == 24);
+const _: () = assert!(core::mem::size_of::<IterRecord>() == 128);
 
 /// Process counts of one worker, kept per CPU by the lifecycle probes.
 #[repr(C)]
@@ -246,13 +277,41 @@ pub struct KernelLayout {
     pub attach_task: u32,
     /// Depth of the slice below the cgroup2 root (`rbee.slice` = 1); workers are two deeper.
     pub slice_level: u32,
+    /// `task_struct.mm` and `mm_struct.rss_stat`, the process's resident page counters,
+    /// indexed by `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SHMEMPAGES`.
+    pub task_mm: u32,
+    pub mm_rss_stat: u32,
+    /// Bytes from one of those counters to the next: an `atomic_long_t` before 6.2, a
+    /// `struct percpu_counter` from 6.2.
+    pub rss_counter_size: u32,
+    /// Where a counter's value is in it: `percpu_counter.count` (0 for the atomic).
+    pub rss_counter_count: u32,
+    /// `percpu_counter.counters`, the per-CPU parts not yet folded into `count` (from 6.2;
+    /// `MISSING` before). `statm` adds them from 6.16 (and on stable kernels that took that
+    /// fix, such as Debian's 6.12); the probes always do, for the exact figure.
+    pub rss_counter_percpu: u32,
+    /// `nr_cpu_ids`, the CPUs the per-CPU parts are summed over.
+    pub nr_cpus: u32,
+    /// `bpf_array.pptrs`: where a per-CPU array map keeps its slots' per-CPU pointers, from
+    /// which the iterator finds each CPU's per-CPU offset.
+    pub bpf_array_pptrs: u32,
 }
+
+/// `mm_struct.rss_stat` indices (`enum { MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS,
+/// MM_SHMEMPAGES }`, unchanged since 4.5).
+pub const MM_FILEPAGES: u32 = 0;
+pub const MM_ANONPAGES: u32 = 1;
+pub const MM_SHMEMPAGES: u32 = 3;
+
+/// CPUs the iterator sums per-CPU counter parts over at most (a bound for the verifier); a
+/// host with more reads its processes' memory from `/proc` instead.
+pub const MAX_CPUS: u32 = 1024;
 
 const _: () = assert!(core::mem::size_of::<ProcessCounts>() == 24);
 const _: () = assert!(core::mem::size_of::<ClockOffset>() == 8);
 const _: () = assert!(core::mem::size_of::<SliceFilter>() == 8);
 const _: () = assert!(core::mem::size_of::<ProbeStats>() == 32);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 37 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 44 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -272,4 +331,6 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::TaskEvent {}
+    // SAFETY: as for TaskCounters.
+    unsafe impl aya::Pod for super::IterRecord {}
 }

@@ -6,7 +6,7 @@
 //! The offsets come from `LAYOUT`, a frozen read-only global, which the verifier treats as
 //! constants; a member the kernel lacks is `MISSING`, and its branch is never verified.
 //!
-//! Each kernel struct read here has its own type (`Task`, `CssSet`, `Cgroup`, `KernfsNode`,
+//! Each kernel struct read here has its own type (`Task`, `Mm`, `CssSet`, `Cgroup`, `KernfsNode`,
 //! `CfsRq`, `Rq`, `IterMeta`), with one accessor per member it reads, named after it; the
 //! pointer-following ones return the pointee's type. The raw load, `KernelPtr::field`, is
 //! `unsafe`, and only those accessors (and its two helpers) call it.
@@ -17,10 +17,11 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
 };
 use monitor_common::{
-    KernelLayout, SliceFilter, TaskCounters, TaskRecord, MAX_NESTING, MISSING, TASK_EXITING, TASK_MAY_STALL,
+    KernelLayout, ProcessMemory, SliceFilter, TaskCounters, TaskRecord, MAX_CPUS, MAX_NESTING, MISSING,
+    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, TASK_EXITING, TASK_MAY_STALL,
 };
 
-use crate::maps::stats;
+use crate::maps::{cpu_offset, stats};
 
 /// Filled in by the loader before the program is loaded (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
@@ -38,7 +39,7 @@ pub(crate) use layout;
 
 /// A kernel pointer the verifier knows by its BTF type: a program argument, or a pointer
 /// member loaded from one. It is private to this module: only the typed wrappers below
-/// (`Task`, `CssSet`, `Cgroup`, `KernfsNode`, `CfsRq`, `Rq`, `IterMeta`) hold one, and each
+/// (`Task`, `Mm`, `CssSet`, `Cgroup`, `KernfsNode`, `CfsRq`, `Rq`, `IterMeta`) hold one, and each
 /// reads only its own struct's members, so reading a `kernfs_node` member from a task does
 /// not type-check.
 ///
@@ -54,6 +55,12 @@ impl KernelPtr {
     #[inline(always)]
     unsafe fn new(p: u64) -> Option<Self> {
         (p != 0).then_some(Self(p))
+    }
+
+    /// The address, as a number.
+    #[inline(always)]
+    fn address(self) -> u64 {
+        self.0
     }
 
     /// The member of type `T` at byte `off`.
@@ -379,6 +386,34 @@ impl Task {
         self.cfs_rq(members)?.rq()
     }
 
+    /// The process's resident memory, read at its thread group leader. `cpu_offsets` says
+    /// whether this pass found the CPUs' per-CPU offsets, which kernels whose `statm` adds
+    /// per-CPU parts need.
+    #[inline(always)]
+    pub fn memory(self, cpu_offsets: bool) -> Memory {
+        let at = layout!(task_mm);
+        if at == MISSING || layout!(mm_rss_stat) == MISSING || self.tid() != self.tgid() {
+            return Memory::None;
+        }
+        // SAFETY: a task_struct, at LAYOUT's `task_struct.mm`, not MISSING (checked above),
+        // a `struct mm_struct *`. NULL is normal here (an exiting process), so it is not read
+        // through `pointer`, which counts it as an error.
+        let Some(mm) = unsafe { KernelPtr::new(self.0.field::<u64>(at)) }.map(Mm) else {
+            return Memory::None;
+        };
+        if layout!(rss_counter_percpu) != MISSING && !cpu_offsets {
+            return Memory::Unreadable;
+        }
+        let read = || {
+            Some(ProcessMemory {
+                file_pages: mm.rss(MM_FILEPAGES)?,
+                anon_pages: mm.rss(MM_ANONPAGES)?,
+                shmem_pages: mm.rss(MM_SHMEMPAGES)?,
+            })
+        };
+        read().map_or(Memory::Unreadable, Memory::Read)
+    }
+
     /// Writes the task's record into `r`, member by member (see `fill_counters`).
     #[inline(always)]
     pub fn fill_record(self, r: &mut TaskRecord, worker: u64, sched_now: Option<u64>) {
@@ -460,6 +495,72 @@ impl KernfsNode {
         // SAFETY: a kernfs_node, at LAYOUT's `kernfs_node.id` (a u64; CORE).
         unsafe { self.0.field(at) }
     }
+}
+
+/// An address space: `struct mm_struct`. Only `Task::memory` makes one, so holding one means
+/// this kernel has `mm_struct.rss_stat`.
+#[derive(Clone, Copy)]
+struct Mm(KernelPtr);
+
+impl Mm {
+    /// Resident pages of kind `i` (`MM_FILEPAGES`, ...), as `/proc/<pid>/statm` reports
+    /// them: `rss_stat[i]`'s count, plus, where statm adds them (`rss_counter_percpu`), the
+    /// per-CPU parts not yet folded in; `None` when a part cannot be read. A fold between
+    /// reading the count and the parts moves up to a batch from one to the other; the count
+    /// is read again, and the sum taken again if it moved. Negative totals (pages counted
+    /// out on one CPU and in on another) read as 0, as in statm.
+    #[inline(always)]
+    fn rss(self, i: u32) -> Option<u64> {
+        let counter = self.0.address() + u64::from(layout!(mm_rss_stat) + i * layout!(rss_counter_size));
+        // Through bpf_probe_read_kernel, not a direct load: verifiers before 5.13 or so
+        // cannot follow `atomic_long_t`, a typedef, in an array (the counters before 6.2);
+        // and a direct load of `counters` types it `__percpu` where BTF tags it so, after
+        // which nothing may be added to it.
+        let count_at = counter + u64::from(layout!(rss_counter_count));
+        let percpu = layout!(rss_counter_percpu);
+        // SAFETY: bpf_probe_read_kernel checks the address and fails on a fault.
+        let first = unsafe { bpf_probe_read_kernel(count_at as *const i64) }.ok()?;
+        let mut total = first;
+        if percpu != MISSING {
+            // SAFETY: as above.
+            let parts = unsafe { bpf_probe_read_kernel((counter + u64::from(percpu)) as *const u64) }.ok()?;
+            total = first + per_cpu_sum(parts)?;
+            // SAFETY: as above.
+            let again = unsafe { bpf_probe_read_kernel(count_at as *const i64) }.ok()?;
+            if again != first {
+                total = again + per_cpu_sum(parts)?;
+            }
+        }
+        Some(total.max(0) as u64)
+    }
+}
+
+/// What `Task::memory` found.
+pub enum Memory {
+    /// Nothing to read: not a thread group leader, a process without an address space (any
+    /// more), or a kernel without the members.
+    None,
+    Read(ProcessMemory),
+    /// A leader whose counters could not be read.
+    Unreadable,
+}
+
+/// The sum of a `s32 __percpu` variable over the CPUs (`nr_cpu_ids`, at most `MAX_CPUS`),
+/// at the per-CPU offsets the iterator found at the start of its pass; `None` when a part
+/// cannot be read.
+#[inline(always)]
+fn per_cpu_sum(var: u64) -> Option<i64> {
+    let cpus = layout!(nr_cpus);
+    let mut sum = 0i64;
+    for cpu in 0..MAX_CPUS {
+        if cpu >= cpus {
+            break;
+        }
+        let at = var.wrapping_add(cpu_offset(cpu)?);
+        // SAFETY: bpf_probe_read_kernel checks the address and fails on a fault.
+        sum += i64::from(unsafe { bpf_probe_read_kernel(at as *const i32) }.ok()?);
+    }
+    Some(sum)
 }
 
 /// A CFS run queue: `struct cfs_rq`. Only `Task::cfs_rq` makes one, so holding one means

@@ -1,13 +1,20 @@
 //! The maps the probes share with the loader.
+use core::{
+    ffi::c_void,
+    ptr::{read_volatile, write_volatile},
+};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
+    helpers::{bpf_probe_read_kernel, generated::bpf_map_lookup_percpu_elem},
     macros::map,
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    ClockOffset, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, EVENTS_BYTES, MAX_WORKERS,
+    ClockOffset, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, EVENTS_BYTES, MAX_CPUS,
+    MAX_WORKERS,
 };
 
 use crate::kernel::{monotonic_ns, Task};
@@ -30,6 +37,56 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<ProbeStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// One per-CPU slot: its address on a CPU, less its per-CPU pointer, is that CPU's per-CPU
+/// offset (`__per_cpu_offset[cpu]`, which only kallsyms' data symbols would tell otherwise).
+#[map]
+pub static CPU_BASE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's per-CPU offset, found by `find_cpu_offsets`. The last entry is where addresses
+/// are stored to be read back as plain numbers.
+#[map]
+pub static CPU_OFFSETS: Array<u64> = Array::with_max_entries(MAX_CPUS + 1, 0);
+
+/// Fills `CPU_OFFSETS` for the first `cpus` CPUs: each is the address of `CPU_BASE`'s slot
+/// on that CPU (`bpf_map_lookup_percpu_elem`) less the slot's per-CPU pointer, which the map
+/// keeps in `struct bpf_array.pptrs[0]` at `pptrs_at`. Reading an address as a number takes
+/// a privileged loader (the verifier's `allow_ptr_leaks`), which this one is.
+#[inline(always)]
+pub fn find_cpu_offsets(cpus: u32, pptrs_at: u32) -> Option<()> {
+    let scratch = CPU_OFFSETS.get_ptr_mut(MAX_CPUS)?;
+    let map = (&raw const CPU_BASE).cast_mut().cast::<c_void>();
+    // SAFETY: `scratch` is a map value of ours; the volatile load makes the compiler read
+    // back, as a number, the address it stored.
+    let as_number = |p: *const c_void| unsafe {
+        write_volatile(scratch, p as u64);
+        read_volatile(scratch)
+    };
+    let pptr_at = as_number(map) + u64::from(pptrs_at);
+    // SAFETY: bpf_probe_read_kernel checks the address and fails on a fault.
+    let pptr = unsafe { bpf_probe_read_kernel(pptr_at as *const u64) }.ok()?;
+    let key = 0u32;
+    for cpu in 0..MAX_CPUS {
+        if cpu >= cpus {
+            break;
+        }
+        // SAFETY: our per-CPU array and a key it has; NULL for a CPU that does not exist.
+        let slot = unsafe { bpf_map_lookup_percpu_elem(map, (&raw const key).cast(), cpu) };
+        if slot.is_null() {
+            return None;
+        }
+        let offset = as_number(slot).wrapping_sub(pptr);
+        // SAFETY: an entry of our array map, a plain u64.
+        unsafe { write_volatile(CPU_OFFSETS.get_ptr_mut(cpu)?, offset) };
+    }
+    Some(())
+}
+
+/// CPU `cpu`'s per-CPU offset, as `find_cpu_offsets` found it.
+#[inline(always)]
+pub fn cpu_offset(cpu: u32) -> Option<u64> {
+    CPU_OFFSETS.get(cpu).copied()
+}
 
 /// The watched slice, or `None` while there is none: then no probe does any work.
 #[inline(always)]

@@ -61,6 +61,7 @@ impl From<&MemoryReading> for WorkerMemory {
         WorkerMemory {
             source: match m.origin {
                 Origin::CgroupV2 | Origin::CgroupV1 => Source::Cgroup,
+                Origin::Ebpf => Source::Ebpf,
                 Origin::Procfs => Source::Procfs,
             },
             current_bytes: m.current,

@@ -326,7 +326,8 @@ impl Sampler {
             },
         };
         let main = self.main_process(cg.id, &procs);
-        let memory = match self.memory.read(&cg.dir, &procs, main.map(|m| m.pid)) {
+        let summed = kernel.memory.as_ref().and_then(|m| m.get(&cg.id).copied());
+        let memory = match self.memory.read(&cg.dir, &procs, main.map(|m| m.pid), summed) {
             Ok(m) => Some(m),
             Err(e) => {
                 log::debug!("worker {}/{}: memory left out: {e}", cg.group, cg.instance);

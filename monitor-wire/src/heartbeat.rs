@@ -184,8 +184,9 @@ pub struct WorkerGpuDevice {
 /// A worker's memory breakdown, bytes.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerMemory {
-    /// `cgroup` (its memory cgroup's files) or `procfs` (summed over its processes, because
-    /// its memory cgroup holds others too).
+    /// `cgroup` (its memory cgroup's files); else, because its memory cgroup holds others
+    /// too, summed over its processes: `ebpf` (their counters, read by the task iterator) or
+    /// `procfs` (their `/proc/<pid>/statm`).
     pub source: Source,
     pub current_bytes: u64,
     pub anon_bytes: Option<u64>,

@@ -1,11 +1,11 @@
-//! Worker memory equals its memory cgroup's own files at sample time, and is summed from
-//! `/proc` (and labelled so) when that cgroup is shared with processes outside the worker.
+//! Worker memory equals its memory cgroup's own files at sample time, and is summed over its
+//! processes (and labelled so) when that cgroup is shared with processes outside the worker.
 use std::{path::Path, time::Duration};
 
 use hive_monitor_tests::*;
 use monitor_user::{
     sample::WorkerSample,
-    sampler::Sampler,
+    sampler::{BpfMode, Sampler, SamplerOptions},
     sources::{cgroup::Slice, memory::Origin},
 };
 
@@ -52,9 +52,13 @@ fn memory_comes_from_the_workers_own_memory_cgroup() {
     let _ = std::fs::remove_dir(&v1); // best effort; TestCgroup removes it after the load dies
 }
 
+/// Where the memory cgroup is shared with processes outside the worker, the figure is the
+/// worker's processes' own counters: summed by the task iterator in the kernel and, with it
+/// withheld, from `/proc/<pid>/statm`. Both equal what `/proc/<pid>/status` reports, kind by
+/// kind (on kernels from 6.16 that includes each counter's per-CPU parts).
 #[test]
-fn a_shared_memory_cgroup_falls_back_to_proc() {
-    if !bpf_available("memory_procfs") {
+fn a_shared_memory_cgroup_is_summed_over_the_processes() {
+    if !bpf_available("memory_processes") {
         return;
     }
     let cg = TestCgroup::new("mem_shared");
@@ -63,15 +67,24 @@ fn a_shared_memory_cgroup_falls_back_to_proc() {
     let load = Workload::start(HM_LOAD, &v2, &["alloc", "32", "60"]);
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut sampler = Sampler::new(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap()).unwrap();
-    let w = sample_worker(&mut sampler);
-    let m = w.memory.expect("memory read");
-    if m.origin == Origin::CgroupV2 {
-        eprintln!("SKIPPED a_shared_memory_cgroup_falls_back_to_proc: the v2 worker cgroup has its own memory controller");
-        return;
+    for (withheld, origin) in [(None, Origin::Ebpf), (Some("mm_struct.rss_stat"), Origin::Procfs)] {
+        let options = SamplerOptions {
+            bpf: BpfMode::Required,
+            withhold: withheld.into_iter().map(String::from).collect(),
+            ..Default::default()
+        };
+        let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap();
+        let mut sampler = Sampler::with_options(slice, options).unwrap();
+        let m = sample_worker(&mut sampler).memory.expect("memory read");
+        if m.origin == Origin::CgroupV2 {
+            eprintln!("SKIPPED a_shared_memory_cgroup_is_summed_over_the_processes: the v2 worker cgroup has its own memory controller");
+            return;
+        }
+        let status = |field: &str| proc_field(load.pid(), "status", field) * 1024;
+        assert_eq!(m.origin, origin, "withheld: {withheld:?}");
+        assert_eq!(m.current, status("VmRSS:"), "{origin:?}");
+        assert_eq!(m.anon, Some(status("RssAnon:")), "{origin:?}");
+        assert_eq!(m.file, Some(status("RssFile:") + status("RssShmem:")), "{origin:?}");
+        assert!(m.current >= 32 << 20 && m.peak.is_none() && m.limit.is_none(), "{m:?}");
     }
-    assert_eq!(m.origin, Origin::Procfs);
-    let vm_rss = proc_field(load.pid(), "status", "VmRSS:");
-    assert_eq!(m.current, vm_rss * 1024);
-    assert!(m.current >= 32 << 20 && m.peak.is_none() && m.limit.is_none(), "{m:?}");
 }

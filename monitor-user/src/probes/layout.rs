@@ -6,7 +6,7 @@ use std::{
 };
 
 use btf_rs::{Btf, Type};
-use monitor_common::{KernelLayout, MISSING};
+use monitor_common::{KernelLayout, MAX_CPUS, MISSING};
 
 use crate::error::{Error, Result};
 
@@ -43,13 +43,14 @@ pub struct Resolved {
 /// `withheld` names members and tracepoints to treat as missing (a test switch).
 pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Resolved {
     let mut r = Resolver { btf, withheld, missing: Missing::new() };
+    let rss = r.rss_counters();
     let fork = r.tracepoint("sched_process_fork");
     let exec = r.tracepoint("sched_process_exec");
     let exit = r.tracepoint("sched_process_exit");
     let free = r.tracepoint("sched_process_free");
     let attach = r.tracepoint("cgroup_attach_task");
     let task = task_ptr();
-    let layout = KernelLayout {
+    let mut layout = KernelLayout {
         task_pid: r.member(&member("task_struct.pid", "task_struct", &[&["pid"]])),
         task_tgid: r.member(&member("task_struct.tgid", "task_struct", &[&["tgid"]])),
         task_cgroups: r.member(&member("task_struct.cgroups", "task_struct", &[&["cgroups"]])),
@@ -93,8 +94,19 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         free_task: r.arg(&free, "sched_process_free.p", &task, 0),
         attach_task: r.arg(&attach, "cgroup_attach_task.task", &task, 0),
         slice_level,
+        task_mm: r.member(&TASK_MM),
+        mm_rss_stat: rss.map_or(MISSING, |c| c.at),
+        rss_counter_size: rss.map_or(MISSING, |c| c.size),
+        rss_counter_count: rss.map_or(MISSING, |c| c.count),
+        rss_counter_percpu: rss.and_then(|c| c.percpu).unwrap_or(MISSING),
+        nr_cpus: 0,
+        bpf_array_pptrs: r.member(&BPF_ARRAY_PPTRS),
     };
     let mut missing = r.missing;
+    if layout.rss_counter_percpu != MISSING && layout.bpf_array_pptrs == MISSING {
+        layout.mm_rss_stat = MISSING;
+        missing.insert(RSS_STAT.name.into(), "its per-CPU parts need bpf_array.pptrs".into());
+    }
     // The programs read their arguments at these positions (see monitor-ebpf's lifecycle.rs).
     for (name, got, want) in [
         ("sched_process_fork.parent", layout.fork_parent, 0),
@@ -151,6 +163,74 @@ pub const READ_BYTES: Member =
 pub const WRITE_BYTES: Member =
     member("task_struct.ioac.write_bytes", "task_struct", &[&["ioac", "write_bytes"]]);
 
+/// A process's resident memory (`Task::memory` in the probes); without it, or without the
+/// rest of `RssCounters`, the loader reads `/proc/<pid>/statm`.
+pub const TASK_MM: Member = member("task_struct.mm", "task_struct", &[&["mm"]]);
+pub const RSS_STAT: Member = member("mm_struct.rss_stat", "mm_struct", &[&["rss_stat"]]);
+pub const BPF_ARRAY_PPTRS: Member = member("bpf_array.pptrs", "bpf_array", &[&["pptrs"]]);
+
+/// Where `mm_struct.rss_stat`'s counters are, and how to read one as `statm` does.
+#[derive(Clone, Copy, Debug)]
+struct RssCounters {
+    /// `mm_struct.rss_stat`.
+    at: u32,
+    /// Bytes from one counter to the next.
+    size: u32,
+    /// The counter's folded value in it: `percpu_counter.count` from 6.2, the
+    /// `atomic_long_t` itself before.
+    count: u32,
+    /// `percpu_counter.counters`, the per-CPU parts not yet folded into `count` (from 6.2).
+    percpu: Option<u32>,
+}
+
+/// `rss_stat` is `struct percpu_counter rss_stat[NR_MM_COUNTERS]` from 6.2, and before it
+/// `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }`.
+fn rss_counters(btf: &Btf, at: u32) -> std::result::Result<RssCounters, String> {
+    let mm = named_struct(btf, "mm_struct").map_err(|e| e.to_string())?;
+    let rss_stat = member_type(btf, &mm, "rss_stat").ok_or("mm_struct has no rss_stat")?;
+    let element = |a: &btf_rs::Array| {
+        strip(btf, btf.resolve_chained_type(a).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+    };
+    match strip(btf, rss_stat).map_err(|e| e.to_string())? {
+        Type::Array(a) => {
+            let Type::Struct(counter) = element(&a)? else {
+                return Err("rss_stat is not an array of structs".into());
+            };
+            let size = counter.size() as u32;
+            let count = offset(btf, "percpu_counter", &["count"]).map_err(|e| e.to_string())?;
+            let percpu = offset(btf, "percpu_counter", &["counters"]).map_err(|e| e.to_string())?;
+            Ok(RssCounters { at, size, count, percpu: Some(percpu) })
+        }
+        Type::Struct(stat) => {
+            let counters = member_type(btf, &stat, "count").ok_or("mm_rss_stat has no count")?;
+            let Type::Array(a) = strip(btf, counters).map_err(|e| e.to_string())? else {
+                return Err("mm_rss_stat.count is not an array".into());
+            };
+            let Type::Struct(counter) = element(&a)? else {
+                return Err("mm_rss_stat.count is not an array of atomic_long_t".into());
+            };
+            let count = offset(btf, "mm_rss_stat", &["count"]).map_err(|e| e.to_string())?;
+            Ok(RssCounters { at, size: counter.size() as u32, count, percpu: None })
+        }
+        _ => Err("mm_struct.rss_stat is neither an array nor a struct".into()),
+    }
+}
+
+/// The type of member `name` of `s`, looked for through anonymous structs and unions.
+fn member_type(btf: &Btf, s: &btf_rs::Struct, name: &str) -> Option<Type> {
+    s.members.iter().find_map(|m| {
+        let t = btf.resolve_chained_type(m).ok()?;
+        match btf.resolve_name(m).unwrap_or_default() {
+            n if n == name => Some(t),
+            n if n.is_empty() => match strip(btf, t).ok()? {
+                Type::Struct(x) | Type::Union(x) => member_type(btf, &x, name),
+                _ => None,
+            },
+            _ => None,
+        }
+    })
+}
+
 impl Member {
     pub fn name(&self) -> &'static str {
         self.name
@@ -174,7 +254,7 @@ pub fn resolve_running_kernel(slice_level: u32, withheld: &BTreeSet<String>) -> 
             // SAFETY: fds[1] is this process's write end; fds[0] is not used here.
             let mut out = unsafe { std::fs::File::from_raw_fd(fds[1]) };
             let reply = match Btf::from_file(VMLINUX_BTF) {
-                Ok(btf) => encode(&resolve(&btf, slice_level, withheld)),
+                Ok(btf) => encode(&with_cpus(resolve(&btf, slice_level, withheld), possible_cpus())),
                 Err(e) => [b"E".as_slice(), e.to_string().as_bytes()].concat(),
             };
             let code = i32::from(std::io::Write::write_all(&mut out, &reply).is_err());
@@ -195,6 +275,27 @@ pub fn resolve_running_kernel(slice_level: u32, withheld: &BTreeSet<String>) -> 
             decode(&reply)
         }
     }
+}
+
+/// `nr_cpu_ids`: one more than the last CPU in `/sys/devices/system/cpu/possible` (`0-127`).
+fn possible_cpus() -> Option<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
+    let last = text.trim().rsplit([',', '-']).next()?;
+    last.parse::<u32>().ok()?.checked_add(1)
+}
+
+/// `r` with the CPUs the probes sum per-CPU counter parts over; where those are needed and
+/// the CPUs are unknown or too many to sum in the kernel, process memory is left to `/proc`.
+fn with_cpus(mut r: Resolved, cpus: Option<u32>) -> Resolved {
+    r.layout.nr_cpus = cpus.unwrap_or(0);
+    if r.layout.rss_counter_percpu != MISSING && !(1..=MAX_CPUS).contains(&r.layout.nr_cpus) {
+        r.layout.mm_rss_stat = MISSING;
+        r.missing.insert(
+            RSS_STAT.name.into(),
+            format!("{cpus:?} possible CPUs, and the probes sum per-CPU parts over at most {MAX_CPUS}"),
+        );
+    }
+    r
 }
 
 /// `Resolved` as bytes: `L`, the layout, then `name\0reason\0` per missing name.
@@ -260,6 +361,16 @@ impl Resolver<'_> {
         };
         self.missing.insert(m.name.into(), reason);
         MISSING
+    }
+
+    /// `mm_struct.rss_stat` and how its counters read; `None`, with the reason listed
+    /// under `mm_struct.rss_stat`, when they cannot be read as `statm` reads them.
+    fn rss_counters(&mut self) -> Option<RssCounters> {
+        let at = self.member(&RSS_STAT);
+        if at == MISSING {
+            return None;
+        }
+        rss_counters(self.btf, at).map_err(|e| self.missing.insert(RSS_STAT.name.into(), e)).ok()
     }
 
     fn tracepoint(&mut self, name: &'static str) -> Option<TracepointArgs> {
@@ -450,17 +561,27 @@ mod tests {
         for path in files {
             let r = resolve_file(&path);
             eprintln!(
-                "{}: task.se.sum_exec_runtime@{} sched_info.run_delay@{} nvcsw@{} ioac.rchar@{} kernfs parent@{} group_dead arg {}",
+                "{}: task.se.sum_exec_runtime@{} sched_info.run_delay@{} nvcsw@{} ioac.rchar@{} kernfs parent@{} group_dead arg {} mm.rss_stat@{} ({} bytes a counter, count@{} per-CPU parts@{})",
                 path.display(),
                 r.layout.task_sum_exec_runtime,
                 r.layout.task_run_delay,
                 r.layout.task_nvcsw,
                 r.layout.task_rchar,
                 r.layout.kernfs_node_parent,
-                r.layout.exit_group_dead
+                r.layout.exit_group_dead,
+                r.layout.mm_rss_stat,
+                r.layout.rss_counter_size,
+                r.layout.rss_counter_count,
+                r.layout.rss_counter_percpu,
             );
             assert!(r.missing.is_empty(), "{}: missing {:?}", path.display(), r.missing);
         }
+    }
+
+    #[test]
+    fn the_possible_cpus_parse() {
+        let cpus = possible_cpus().expect("/sys/devices/system/cpu/possible");
+        assert!(cpus >= 1 && cpus as usize >= std::thread::available_parallelism().unwrap().get());
     }
 
     #[test]
@@ -472,7 +593,7 @@ mod tests {
         }
         let withheld = BTreeSet::from(["task_struct.nvcsw".to_string()]);
         let child = resolve_running_kernel(3, &withheld).unwrap();
-        let here = resolve(&Btf::from_file(path).unwrap(), 3, &withheld);
+        let here = with_cpus(resolve(&Btf::from_file(path).unwrap(), 3, &withheld), possible_cpus());
         assert_eq!(child.layout, here.layout);
         assert_eq!(child.missing, here.missing);
     }

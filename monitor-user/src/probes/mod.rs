@@ -15,8 +15,9 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    names, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, TaskRecord, EXIT_PROCESS,
-    MAX_WORKERS, TASK_EXITING, TASK_MAY_STALL,
+    names, IterRecord, ProbeStats, ProcessCounts, ProcessMemory, SliceFilter, TaskEvent, TaskEventKind,
+    EXIT_PROCESS, MAX_WORKERS, MISSING, TASK_EXITING, TASK_HAS_MEMORY, TASK_MAY_STALL,
+    TASK_MEMORY_UNREADABLE,
 };
 
 use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
@@ -79,6 +80,8 @@ pub struct Probes {
     /// Workers whose process counts changed since they were last read, and those counts.
     process_counts: HashMap<u64, ProcessCounts>,
     events_lost: u64,
+    /// Whether the iterator reads processes' resident memory on this kernel.
+    reads_memory: bool,
     ebpf: Ebpf,
 }
 
@@ -118,6 +121,10 @@ pub struct KernelReading {
     /// Workers with a task that may be stalled (`TASK_MAY_STALL`) as the iterator passed it;
     /// `None` without the iterator.
     pub may_stall: Option<HashSet<u64>>,
+    /// Worker cgroup id → the resident memory of those processes, summed; a worker is absent
+    /// when it has none, or when a process's could not be read (then `/proc` says). `None`
+    /// where the iterator cannot read memory on this kernel.
+    pub memory: Option<HashMap<u64, ProcessMemory>>,
 }
 
 /// What one pass of the task iterator found besides the ledger's counts.
@@ -126,6 +133,7 @@ struct Pass {
     kernel_ns: u64,
     processes: HashMap<u64, Vec<u32>>,
     may_stall: HashSet<u64>,
+    memory: HashMap<u64, ProcessMemory>,
 }
 
 impl Probes {
@@ -189,6 +197,7 @@ impl Probes {
             return Err(Error::NoProgram(why));
         }
         let availability = Availability::new(&programs, &resolved.missing);
+        let reads_memory = resolved.layout.task_mm != MISSING && resolved.layout.mm_rss_stat != MISSING;
         Ok(Self {
             sizes,
             workers: take_map(&mut ebpf, names::MAP_WORKERS)?,
@@ -201,6 +210,7 @@ impl Probes {
             ledger: Ledger::default(),
             process_counts: HashMap::new(),
             events_lost: 0,
+            reads_memory,
             ebpf,
         })
     }
@@ -282,9 +292,12 @@ impl Probes {
         }
         let mut events = self.drain_events();
         self.ledger.begin_pass();
-        let (at_ns, kernel_ns, processes, may_stall) = match self.availability_of_iterator() {
-            true => self.iterate().map(|p| (p.at_ns, p.kernel_ns, Some(p.processes), Some(p.may_stall)))?,
-            false => (monotonic_ns(), 0, None, None),
+        let (at_ns, kernel_ns, processes, may_stall, memory) = match self.availability_of_iterator() {
+            true => self.iterate().map(|p| {
+                let memory = self.reads_memory.then_some(p.memory);
+                (p.at_ns, p.kernel_ns, Some(p.processes), Some(p.may_stall), memory)
+            })?,
+            false => (monotonic_ns(), 0, None, None, None),
         };
         events.extend(self.finals_of_the_unseen());
         self.ledger.end_pass(at_ns);
@@ -333,7 +346,7 @@ impl Probes {
             .into_iter()
             .filter(|e| e.kind != TaskEventKind::Free as u32 && e.kind != TaskEventKind::Moved as u32)
             .collect();
-        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events, processes, may_stall })
+        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events, processes, may_stall, memory })
     }
 
     fn availability_of_iterator(&self) -> bool {
@@ -405,25 +418,38 @@ impl Probes {
         let mut bytes = Vec::with_capacity(64 * 1024);
         file.read_to_end(&mut bytes).map_err(|e| Error::Iterator(e.to_string()))?;
         let kernel_ns = thread_cpu_ns().saturating_sub(cpu_before);
-        const SIZE: usize = std::mem::size_of::<TaskRecord>();
+        const SIZE: usize = std::mem::size_of::<IterRecord>();
         let mut processes: HashMap<u64, Vec<u32>> = HashMap::new();
         let mut may_stall = HashSet::new();
+        let mut memory: HashMap<u64, ProcessMemory> = HashMap::new();
+        let mut memory_unreadable = HashSet::new();
         for chunk in bytes.chunks_exact(SIZE) {
-            // SAFETY: each chunk is one TaskRecord the program wrote, plain old data.
-            let record = unsafe { chunk.as_ptr().cast::<TaskRecord>().read_unaligned() };
+            // SAFETY: each chunk is one IterRecord the program wrote, plain old data.
+            let IterRecord { task: record, memory: m } =
+                unsafe { chunk.as_ptr().cast::<IterRecord>().read_unaligned() };
             self.ledger.record(&record);
             if record.flags & TASK_EXITING == 0 {
                 processes.entry(record.worker).or_default().push(record.tgid);
+                if record.flags & TASK_HAS_MEMORY != 0 {
+                    let sum = memory.entry(record.worker).or_default();
+                    sum.file_pages += m.file_pages;
+                    sum.anon_pages += m.anon_pages;
+                    sum.shmem_pages += m.shmem_pages;
+                }
+                if record.flags & TASK_MEMORY_UNREADABLE != 0 {
+                    memory_unreadable.insert(record.worker);
+                }
             }
             if record.flags & TASK_MAY_STALL != 0 {
                 may_stall.insert(record.worker);
             }
         }
+        memory.retain(|worker, _| !memory_unreadable.contains(worker));
         for pids in processes.values_mut() {
             pids.sort_unstable();
             pids.dedup();
         }
-        Ok(Pass { at_ns, kernel_ns, processes, may_stall })
+        Ok(Pass { at_ns, kernel_ns, processes, may_stall, memory })
     }
 }
 

@@ -1,5 +1,6 @@
 //! A worker's memory, from the memory cgroup that holds exactly its processes (v2 files on
-//! unified hosts, v1 files on hybrid ones), else summed over its processes from `/proc`.
+//! unified hosts, v1 files on hybrid ones), else summed over its processes: by the task
+//! iterator in the kernel, or from `/proc` where it cannot.
 //!
 //! The files are parsed here rather than through cgroups-rs, whose readers turn a missing or
 //! unreadable file into 0: a cgroup that vanished mid-read would be reported as using no
@@ -10,6 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use monitor_common::ProcessMemory;
 use rustc_hash::FxBuildHasher;
 
 use crate::{
@@ -22,7 +24,10 @@ use crate::{
 pub enum Origin {
     CgroupV2,
     CgroupV1,
-    /// Summed over the worker's processes: their memory cgroup is shared with others.
+    /// Summed over the worker's processes (their memory cgroup is shared with others), as
+    /// the task iterator read their counters in the kernel.
+    Ebpf,
+    /// The same sum from `/proc/<pid>/statm`, where the iterator cannot read them.
     Procfs,
 }
 
@@ -111,15 +116,26 @@ impl MemorySource {
     }
 
     /// Reads a worker's memory. `dir` is its v2 cgroup, `procs` every process in it and
-    /// below. A v1 memory cgroup found stale (the main process moved) gives no wrong figure:
-    /// its members no longer equal `procs`, so the processes are summed instead until the
-    /// next lookup.
-    pub fn read(&mut self, dir: &Path, procs: &[u32], main: Option<u32>) -> Result<MemoryReading> {
+    /// below, and `summed` their memory as the task iterator read it (`None` without).
+    /// A v1 memory cgroup found stale (the main process moved) gives no wrong figure: its
+    /// members no longer equal `procs`, so the processes are summed instead until the next
+    /// lookup.
+    pub fn read(
+        &mut self,
+        dir: &Path,
+        procs: &[u32],
+        main: Option<u32>,
+        summed: Option<ProcessMemory>,
+    ) -> Result<MemoryReading> {
+        let of_processes = |files: &mut KeptFiles| match summed {
+            Some(m) => Ok(from_kernel(m)),
+            None => read_procfs(files, procs),
+        };
         let Some(mount) = &self.v1_mount else {
             // Without the memory controller enabled on it, a v2 cgroup has no memory files.
             return match read_v2(&mut self.files, dir) {
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    read_procfs(&mut self.files, procs)
+                    of_processes(&mut self.files)
                 }
                 reading => reading,
             };
@@ -135,7 +151,7 @@ impl MemorySource {
                 }
             };
             if self.v1_shared.contains(v1.as_os_str()) {
-                return read_procfs(&mut self.files, procs);
+                return of_processes(&mut self.files);
             }
             let inside = match self.v1_members.entry(v1.clone()) {
                 Entry::Occupied(e) => e.into_mut(),
@@ -147,7 +163,7 @@ impl MemorySource {
                 return read_v1(&mut self.files, v1);
             }
         }
-        read_procfs(&mut self.files, procs)
+        of_processes(&mut self.files)
     }
 }
 
@@ -238,6 +254,22 @@ fn read_procfs(files: &mut KeptFiles, procs: &[u32]) -> Result<MemoryReading> {
     })
 }
 
+/// The processes' memory as the task iterator summed it: `statm`'s figures, read in the
+/// kernel during the pass instead of one file per process.
+fn from_kernel(m: ProcessMemory) -> MemoryReading {
+    let page = page_size();
+    let shared = m.file_pages + m.shmem_pages;
+    MemoryReading {
+        origin: Origin::Ebpf,
+        current: (shared + m.anon_pages) * page,
+        anon: Some(m.anon_pages * page),
+        file: Some(shared * page),
+        peak: None,
+        limit: None,
+        oom_kills: None,
+    }
+}
+
 /// Resident and shared pages: the second and third fields of `statm`.
 fn statm_pages(statm: &str) -> Option<(u64, u64)> {
     let mut fields = statm.split_whitespace().skip(1).map(|v| v.parse::<u64>().ok());
@@ -312,12 +344,12 @@ mod tests {
         std::fs::write(dir.join("memory.events"), "oom_kill 0\n").unwrap();
         for (file, text) in [("memory.current", "lots\n"), ("memory.current", "")] {
             std::fs::write(dir.join(file), text).unwrap();
-            let e = MemorySource::new(None).read(&dir, &[], None).unwrap_err().to_string();
+            let e = MemorySource::new(None).read(&dir, &[], None, None).unwrap_err().to_string();
             assert!(e.contains("memory.current"), "{e}");
         }
         std::fs::write(dir.join("memory.current"), "4096\n").unwrap();
         std::fs::write(dir.join("memory.stat"), "file 2\n").unwrap();
-        let e = MemorySource::new(None).read(&dir, &[], None).unwrap_err().to_string();
+        let e = MemorySource::new(None).read(&dir, &[], None, None).unwrap_err().to_string();
         assert!(e.contains("memory.stat") && e.contains("anon"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -24,6 +24,8 @@ use serde_json::{json, Value};
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const SLICE: &str = "rbee.slice";
 const GROUP: &str = "matrix";
+/// A group that enables no controller below it: its workers share its memory cgroup.
+const SHARED_MEMORY_GROUP: &str = "shared-memory";
 const LISTEN: &str = "127.0.0.1:7835";
 const MIB: u64 = 1 << 20;
 
@@ -285,7 +287,10 @@ struct Load {
 
 impl Load {
     fn start(instance: &str, exe: &str, args: &[&str], cpu: Option<usize>) -> std::io::Result<Self> {
-        let dir = worker_dir(instance);
+        Self::start_at(worker_dir(instance), exe, args, cpu)
+    }
+
+    fn start_at(dir: PathBuf, exe: &str, args: &[&str], cpu: Option<usize>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let mut cmd = hive_monitor_tests::command_in(exe, &[&dir], args);
         if let Some(cpu) = cpu {
@@ -499,6 +504,58 @@ fn bytes_row(check: &str, figure: &str, ours: u64, proc_name: &str, proc_value: 
     }
 }
 
+/// A worker whose cgroup has no memory controller of its own (its group does not enable
+/// one below it), so its memory is summed over its processes by the task iterator: the
+/// heartbeat's figures against the load's `/proc/<pid>/status`, kind by kind, exactly (the
+/// load holds its memory still).
+fn check_memory(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
+    let mib = if o.quick { 16 } else { 64 };
+    let group = Path::new(CGROUP_ROOT).join(SLICE).join(SHARED_MEMORY_GROUP);
+    let mut load = Load::start_at(group.join("1"), &o.load, &["alloc", &mib.to_string(), "600"], None)
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proc_field(load.pid(), "status", "VmRSS:") < mib * 1024 {
+        load.alive()?;
+        if Instant::now() > deadline {
+            return Err(format!("the load did not touch its {mib} MiB within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hb = d.fresh()?;
+    let status = |field: &str| proc_field(load.pid(), "status", field) * 1024;
+    let w = hb["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["group"] == SHARED_MEMORY_GROUP && w["instance"] == "1"))
+        .ok_or_else(|| format!("worker {SHARED_MEMORY_GROUP}/1 missing from the heartbeat"))?;
+    let memory = &w["memory"];
+    let source = memory["source"].as_str().unwrap_or("?").to_string();
+    let row = |figure: &str, reference: u64, note: &str| {
+        let ours = memory[figure].as_u64();
+        let error = ours.map(|v| v.abs_diff(reference) as f64);
+        let mut row = Row {
+            check: "memory of processes".into(),
+            figure: format!("memory.{figure}"),
+            monitor: json!(ours),
+            reference: json!(reference),
+            error,
+            unit: " B",
+            bound: Some(0.0),
+            pass: error == Some(0.0) && source == "ebpf",
+            note: note.into(),
+            source: source.clone(),
+        };
+        if source != "ebpf" {
+            row.note = format!("memory.source is {source}, not the probes; {}", row.note);
+        }
+        row
+    };
+    Ok(vec![
+        row("current_bytes", status("VmRSS:"), "VmRSS"),
+        row("anon_bytes", status("RssAnon:"), "RssAnon"),
+        row("file_bytes", status("RssFile:") + status("RssShmem:"), "RssFile + RssShmem"),
+    ])
+}
+
 /// Waits until the load's /proc/<pid>/io fields reach `want`, then a moment more (idle).
 fn wait_io(load: &mut Load, want: &[(&str, u64)], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
@@ -706,7 +763,8 @@ fn main() {
         timed(&check, t);
     }
     type Check = fn(&Daemon, &Opts) -> Result<Vec<Row>, String>;
-    let checks: [(&str, &str, Check); 5] = [
+    let checks: [(&str, &str, Check); 6] = [
+        ("memory of processes", "memory.*_bytes", check_memory),
         ("syscall io", "io_syscall_*_bytes_total", check_syscall_io),
         ("storage direct", "io_*_bytes_total", check_direct),
         ("storage buffered+fsync", "io_write_bytes_total", check_writesync),
