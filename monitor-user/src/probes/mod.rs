@@ -494,14 +494,15 @@ fn load_program(
     result.map_err(|e: String| short_reason(&e))
 }
 
-/// A load error's text, with a verifier log cut to its last two lines, which say why.
+/// A load error's text, with a verifier log cut to its last five lines: the instruction
+/// refused, why, and the verifier's totals.
 fn short_reason(e: &str) -> String {
     let mut lines = e.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or_default();
     let rest: Vec<&str> = lines.collect();
     match rest.len() {
         0 => first.to_string(),
-        n => format!("{first} … {}", rest[n.saturating_sub(2)..].join(" / ")),
+        n => format!("{first} … {}", rest[n.saturating_sub(5)..].join(" / ")),
     }
 }
 
