@@ -26,7 +26,33 @@ use hive_monitor_tests::{
 use monitor_user::{probes::ProgramStats, sample::WorkerSample, sampler::Sampler, sources::cgroup::Slice};
 use serde_json::{json, Value};
 
-const DAEMON_WORKERS: [usize; 3] = [10, 100, 1000];
+/// The daemon runs: how many workers, and whether each has a memory cgroup of its own.
+const DAEMON_RUNS: [(usize, WorkerMemory); 4] = [
+    (10, WorkerMemory::Shared),
+    (100, WorkerMemory::Shared),
+    (1000, WorkerMemory::Shared),
+    (1000, WorkerMemory::Own),
+];
+
+/// Where the daemon reads a bench worker's memory from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WorkerMemory {
+    /// The workers share the bench's memory cgroup: their processes' counters, read by the
+    /// task iterator.
+    Shared,
+    /// Each worker has a memory cgroup of its own, as `hive-monitor spawn` makes them: its
+    /// files (v1 on a hybrid host, v2 on a unified one).
+    Own,
+}
+
+impl WorkerMemory {
+    fn name(self) -> &'static str {
+        match self {
+            WorkerMemory::Shared => "shared",
+            WorkerMemory::Own => "own",
+        }
+    }
+}
 /// Heartbeats at 1 Hz per daemon run; the first two (start-up) are left out of the cost.
 const DAEMON_BEATS: usize = 24;
 const MIB: u64 = 1 << 20;
@@ -250,14 +276,19 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 fn daemon_cost(args: &Args) -> Value {
     println!("\n== Daemon at 1 Hz: workers are cgroups with one sleeping process each");
     println!(
+        "   (memory: shared = the workers share a memory cgroup, and their processes' counters are read;"
+    );
+    println!("    own = each worker has a memory cgroup of its own, as `spawn` makes, whose files are read)");
+    println!(
         "   (CPU over heartbeats 2..{}; RSS after them; peak is VmHWM, reached while parsing the kernel's BTF at start;",
         DAEMON_BEATS - 2
     );
     println!("    kernel ms/sample from collector.self.kernel_s where the heartbeat has it, else the BPF");
     println!("    programs' run_time_ns over the same heartbeats, with kernel.bpf_stats_enabled=1)");
     println!(
-        "{:>8} {:>11} {:>8} {:>9} {:>13} {:>15} {:>15} {:>17}",
+        "{:>8} {:>7} {:>11} {:>8} {:>9} {:>13} {:>15} {:>15} {:>17}",
         "workers",
+        "memory",
         "CPU % core",
         "RSS MiB",
         "peak MiB",
@@ -269,15 +300,14 @@ fn daemon_cost(args: &Args) -> Value {
     let _stats = BpfStats::enable();
     let mut out = Vec::new();
     let mut sources = HashSet::new();
-    for n in DAEMON_WORKERS {
-        let cg = TestCgroup::new(&format!("bench_daemon_{n}"));
-        cg.mkdir("rbee.slice");
-        let _sleepers: Vec<Workload> = (0..n)
-            .map(|i| {
-                let dir = cg.mkdir(&format!("rbee.slice/g{}/w{i}", i % 10));
-                Workload::start(&args.load, &dir, &["sleep", "600"])
-            })
-            .collect();
+    for (n, memory) in DAEMON_RUNS {
+        let Some((cg, _sleepers)) = sleeping_workers(args, n, memory) else {
+            println!(
+                "{n:>8} {:>7}  (skipped: no memory controller to give each worker its own)",
+                memory.name()
+            );
+            continue;
+        };
         let root = cg.root.to_string_lossy().into_owned();
         let mut daemon = Command::new(&args.daemon)
             .args(["run", "--cgroup-root", &root, "--slice", &cg.rel("rbee.slice"), "--interval", "1s"])
@@ -336,17 +366,64 @@ fn daemon_cost(args: &Args) -> Value {
         sources.insert(source);
         let own = self_summary(&beats[1..]);
         println!(
-            "{n:>8} {cpu_pct:>11.2} {rss:>8.1} {peak:>9.1} {:>13.1} {p50:>15} {p99:>15} {:>17}",
+            "{n:>8} {:>7} {cpu_pct:>11.2} {rss:>8.1} {peak:>9.1} {:>13.1} {p50:>15} {p99:>15} {:>17}",
+            memory.name(),
             size as f64 / 1000.0,
             kernel_ms.map_or("n/a".into(), |m| format!("{m:.3}"))
         );
-        out.push(json!({ "workers": n, "cpu_pct_of_core": cpu_pct, "rss_mib": rss, "peak_rss_mib": peak,
+        out.push(json!({ "workers": n, "worker_memory": memory.name(), "cpu_pct_of_core": cpu_pct, "rss_mib": rss, "peak_rss_mib": peak,
                          "heartbeat_bytes": size, "latency_us": { "p50": p50, "p99": p99, "samples": lat.len() },
                          "kernel_ms_per_sample": kernel_ms, "kernel_source": source, "collector_self": own }));
     }
     let sources: Vec<_> = sources.into_iter().collect();
     println!("   kernel figure from: {}", sources.join(", "));
     json!(out)
+}
+
+/// `n` workers, `rbee.slice/g<i % 10>/w<i>`, each with one sleeping process; with
+/// `WorkerMemory::Own` each also in a memory cgroup of its own: the v1 one of the same path
+/// on a hybrid host, else the v2 one, the memory controller enabled down to it. `None` when
+/// neither hierarchy offers the memory controller.
+fn sleeping_workers(args: &Args, n: usize, memory: WorkerMemory) -> Option<(TestCgroup, Vec<Workload>)> {
+    let name = format!("bench_daemon_{n}_{}", memory.name());
+    let cg = match memory {
+        WorkerMemory::Shared => TestCgroup::new(&name),
+        WorkerMemory::Own => match TestCgroup::with_v1(&name, &["memory"]) {
+            Some(cg) => cg,
+            None => {
+                let cg = TestCgroup::new(&name);
+                let controllers = std::fs::read_to_string(cg.dir.join("cgroup.controllers")).ok()?;
+                controllers.split_whitespace().any(|c| c == "memory").then_some(cg)?
+            }
+        },
+    };
+    let v1 = Path::new("/sys/fs/cgroup/memory").join(&cg.rel);
+    let hybrid = memory == WorkerMemory::Own && v1.is_dir();
+    let enable_memory = |dir: &Path| {
+        if memory == WorkerMemory::Own && !hybrid {
+            std::fs::write(dir.join("cgroup.subtree_control"), "+memory")
+                .unwrap_or_else(|e| panic!("enable memory below {}: {e}", dir.display()));
+        }
+    };
+    enable_memory(&cg.dir);
+    enable_memory(&cg.mkdir("rbee.slice"));
+    let sleepers = (0..n)
+        .map(|i| {
+            let group = format!("rbee.slice/g{}", i % 10);
+            if i < 10 {
+                enable_memory(&cg.mkdir(&group));
+            }
+            let rel = format!("{group}/w{i}");
+            let dir = cg.mkdir(&rel);
+            if !hybrid {
+                return Workload::start(&args.load, &dir, &["sleep", "600"]);
+            }
+            let own = v1.join(&rel);
+            std::fs::create_dir_all(&own).unwrap_or_else(|e| panic!("mkdir {}: {e}", own.display()));
+            Workload::start_in(&args.load, &[&dir, &own], &["sleep", "600"])
+        })
+        .collect();
+    Some((cg, sleepers))
 }
 
 /// Heartbeats recorded per run of the `record` section.
