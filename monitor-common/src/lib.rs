@@ -100,19 +100,43 @@ pub struct ProcessMemory {
     pub shmem_pages: u64,
 }
 
+/// `TaskRecord::flags`: the record is a process's, and the iterator read the counters of
+/// the memory cgroup the process is charged to (`IterRecord::memory_cgroup`).
+pub const TASK_HAS_MEMORY_CGROUP: u32 = 16;
+
+/// The memory cgroup a process is charged to, and that cgroup's own counters: the figures
+/// its `memory.current`, `.peak`, `.max` and `memory.events` `oom_kill` print (v1:
+/// `memory.usage_in_bytes`, `.max_usage_in_bytes`, `.limit_in_bytes`, `memory.oom_control`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupMemory {
+    /// The cgroup's id: its directory's inode number, in whichever hierarchy holds the
+    /// memory controller.
+    pub id: u64,
+    /// `page_counter` `usage`, `watermark` and `max`, pages.
+    pub usage_pages: u64,
+    pub watermark_pages: u64,
+    pub max_pages: u64,
+    /// `memory_events[MEMCG_OOM_KILL]`.
+    pub oom_kills: u64,
+}
+
 /// What the task iterator writes for each task of a worker: its record and, for a thread
-/// group leader (`TASK_HAS_MEMORY`), its process's memory; zeroes otherwise.
+/// group leader, its process's memory (`TASK_HAS_MEMORY`) and its memory cgroup's counters
+/// (`TASK_HAS_MEMORY_CGROUP`); zeroes otherwise.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IterRecord {
     pub task: TaskRecord,
     pub memory: ProcessMemory,
+    pub memory_cgroup: CgroupMemory,
 }
 
 const _: () = assert!(core::mem::size_of::<TaskCounters>() == 72);
 const _: () = assert!(core::mem::size_of::<TaskRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<ProcessMemory>() == 24);
-const _: () = assert!(core::mem::size_of::<IterRecord>() == 128);
+const _: () = assert!(core::mem::size_of::<CgroupMemory>() == 40);
+const _: () = assert!(core::mem::size_of::<IterRecord>() == 168);
 
 /// Process counts of one worker, kept per CPU by the lifecycle probes.
 #[repr(C)]
@@ -295,6 +319,17 @@ pub struct KernelLayout {
     /// `bpf_array.pptrs`: where a per-CPU array map keeps its slots' per-CPU pointers, from
     /// which the iterator finds each CPU's per-CPU offset.
     pub bpf_array_pptrs: u32,
+    /// `css_set.subsys[memory_cgrp_id]`: the memory controller's state of a task's cgroups,
+    /// the `struct mem_cgroup` (its `css` is its first member).
+    pub css_set_memory: u32,
+    /// `cgroup_subsys_state.cgroup`: the cgroup that state belongs to.
+    pub css_cgroup: u32,
+    /// `mem_cgroup.memory.usage`, `.watermark`, `.max` (a `struct page_counter`), and
+    /// `mem_cgroup.memory_events[MEMCG_OOM_KILL]`.
+    pub memcg_usage: u32,
+    pub memcg_watermark: u32,
+    pub memcg_max: u32,
+    pub memcg_oom_kills: u32,
 }
 
 /// `mm_struct.rss_stat` indices (`enum { MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS,
@@ -311,7 +346,7 @@ const _: () = assert!(core::mem::size_of::<ProcessCounts>() == 24);
 const _: () = assert!(core::mem::size_of::<ClockOffset>() == 8);
 const _: () = assert!(core::mem::size_of::<SliceFilter>() == 8);
 const _: () = assert!(core::mem::size_of::<ProbeStats>() == 32);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 44 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 50 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -333,4 +368,6 @@ mod pod {
     unsafe impl aya::Pod for super::TaskEvent {}
     // SAFETY: as for TaskCounters.
     unsafe impl aya::Pod for super::IterRecord {}
+    // SAFETY: as for TaskCounters.
+    unsafe impl aya::Pod for super::CgroupMemory {}
 }

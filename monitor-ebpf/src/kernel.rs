@@ -17,8 +17,8 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
 };
 use monitor_common::{
-    KernelLayout, ProcessMemory, SliceFilter, TaskCounters, TaskRecord, MAX_CPUS, MAX_NESTING, MISSING,
-    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, TASK_EXITING, TASK_MAY_STALL,
+    CgroupMemory, KernelLayout, ProcessMemory, SliceFilter, TaskCounters, TaskRecord, MAX_CPUS, MAX_NESTING,
+    MISSING, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, TASK_EXITING, TASK_MAY_STALL,
 };
 
 use crate::maps::{cpu_offset, stats};
@@ -414,6 +414,47 @@ impl Task {
         read().map_or(Memory::Unreadable, Memory::Read)
     }
 
+    /// The counters of the memory cgroup the task is charged to, written into `m` member by
+    /// member; `false` when this kernel lacks the members or one cannot be read. Read
+    /// through bpf_probe_read_kernel: the chain passes an array of pointers and typedef'd
+    /// atomics, which older verifiers cannot follow by BTF.
+    #[inline(always)]
+    pub fn memory_cgroup(self, m: &mut CgroupMemory) -> bool {
+        let (set_memory, css_cgroup) = (layout!(css_set_memory), layout!(css_cgroup));
+        let (usage, watermark) = (layout!(memcg_usage), layout!(memcg_watermark));
+        let (max, oom_kills) = (layout!(memcg_max), layout!(memcg_oom_kills));
+        if set_memory == MISSING
+            || css_cgroup == MISSING
+            || usage == MISSING
+            || watermark == MISSING
+            || max == MISSING
+            || oom_kills == MISSING
+        {
+            return false;
+        }
+        let [set_memory, css_cgroup, usage, watermark, max, oom_kills] =
+            [set_memory, css_cgroup, usage, watermark, max, oom_kills].map(u64::from);
+        let Some(set) = self.css_set() else { return false };
+        let Some(memcg) = read_u64(set.0.address() + set_memory).filter(|p| *p != 0) else { return false };
+        let Some(cgroup) = read_u64(memcg + css_cgroup) else { return false };
+        let Some(kn) = read_u64(cgroup + u64::from(layout!(cgroup_kn))) else { return false };
+        let (Some(id), Some(u), Some(w), Some(x), Some(o)) = (
+            read_u64(kn + u64::from(layout!(kernfs_node_id))),
+            read_u64(memcg + usage),
+            read_u64(memcg + watermark),
+            read_u64(memcg + max),
+            read_u64(memcg + oom_kills),
+        ) else {
+            return false;
+        };
+        m.id = id;
+        m.usage_pages = u;
+        m.watermark_pages = w;
+        m.max_pages = x;
+        m.oom_kills = o;
+        true
+    }
+
     /// Writes the task's record into `r`, member by member (see `fill_counters`).
     #[inline(always)]
     pub fn fill_record(self, r: &mut TaskRecord, worker: u64, sched_now: Option<u64>) {
@@ -533,6 +574,13 @@ impl Mm {
         }
         Some(total.max(0) as u64)
     }
+}
+
+/// The u64 at kernel address `at`; `None` when it cannot be read.
+#[inline(always)]
+fn read_u64(at: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails on a fault.
+    unsafe { bpf_probe_read_kernel(at as *const u64) }.ok()
 }
 
 /// What `Task::memory` found.

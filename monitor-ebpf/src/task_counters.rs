@@ -7,7 +7,9 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_seq_write;
-use monitor_common::{IterRecord, ProcessMemory, MISSING, TASK_HAS_MEMORY, TASK_MEMORY_UNREADABLE};
+use monitor_common::{
+    IterRecord, ProcessMemory, MISSING, TASK_HAS_MEMORY, TASK_HAS_MEMORY_CGROUP, TASK_MEMORY_UNREADABLE,
+};
 
 use crate::{
     kernel::{self, layout, Memory},
@@ -49,8 +51,8 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
     let Some(worker) = task.worker(slice) else { return 0 };
     let sched_now = (offset != 0).then(|| kernel::sched_now(offset));
     let mut record = core::mem::MaybeUninit::<IterRecord>::uninit();
-    // SAFETY: fill_record writes every member of the task's record, and the memory members
-    // are written just below.
+    // SAFETY: fill_record writes every member of the task's record, and the memory and
+    // memory cgroup members are written just below.
     let record = unsafe {
         let r = &mut *record.as_mut_ptr();
         task.fill_record(&mut r.task, worker, sched_now);
@@ -62,6 +64,11 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
         r.task.flags |= flag;
         (r.memory.file_pages, r.memory.anon_pages, r.memory.shmem_pages) =
             (m.file_pages, m.anon_pages, m.shmem_pages);
+        let cg = &mut r.memory_cgroup;
+        (cg.id, cg.usage_pages, cg.watermark_pages, cg.max_pages, cg.oom_kills) = (0, 0, 0, 0, 0);
+        if r.task.tid == r.task.tgid && task.memory_cgroup(cg) {
+            r.task.flags |= TASK_HAS_MEMORY_CGROUP;
+        }
         record.assume_init_ref()
     };
     let seq = meta.seq();

@@ -16,7 +16,7 @@ use crate::{
     sample::{FigureSources, HostReadings, MainProcess, Prewarm, Readings, Sample, Setup, WorkerReadings},
     sources::{
         cgroup::{self, Slice, WorkerCgroup, WorkerList},
-        memory::MemorySource,
+        memory::{FromKernel, MemorySource},
         model::ModelNames,
         nvml::{DeviceReading, Gpus},
         pressure,
@@ -326,8 +326,15 @@ impl Sampler {
             },
         };
         let main = self.main_process(cg.id, &procs);
-        let summed = kernel.memory.as_ref().and_then(|m| m.get(&cg.id).copied());
-        let memory = match self.memory.read(&cg.dir, &procs, main.map(|m| m.pid), summed) {
+        let from_kernel = FromKernel {
+            processes: kernel.memory.as_ref().and_then(|m| m.get(&cg.id).copied()),
+            main_cgroup: kernel
+                .memory_cgroups
+                .as_ref()
+                .zip(main)
+                .and_then(|(m, main)| m.get(&main.pid).copied()),
+        };
+        let memory = match self.memory.read((&cg.dir, cg.id), &procs, main.map(|m| m.pid), from_kernel) {
             Ok(m) => Some(m),
             Err(e) => {
                 log::debug!("worker {}/{}: memory left out: {e}", cg.group, cg.instance);

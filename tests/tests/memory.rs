@@ -41,14 +41,24 @@ fn memory_comes_from_the_workers_own_memory_cgroup() {
     let _load = Workload::start_in(HM_LOAD, &[&v2, &v1], &["alloc", "64", "60"]);
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut sampler = Sampler::new(Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap()).unwrap();
-    let m = sample_worker(&mut sampler).memory.expect("memory read");
-    assert_eq!(m.origin, Origin::CgroupV1);
-    assert_eq!(m.current, read_u64(&v1.join("memory.usage_in_bytes")));
-    assert_eq!(m.peak, Some(read_u64(&v1.join("memory.max_usage_in_bytes"))));
-    assert_eq!(m.limit, Some(512 << 20));
-    assert_eq!(m.oom_kills, Some(0));
-    assert!(m.anon.unwrap() >= 64 << 20, "the 64 MiB the load touched: {m:?}");
+    // The task iterator reads the cgroup's counters, and only memory.stat is read; withheld,
+    // every file is. Both equal the files.
+    for withheld in [None, Some("mem_cgroup.memory")] {
+        let options = SamplerOptions {
+            bpf: BpfMode::Required,
+            withhold: withheld.into_iter().map(String::from).collect(),
+            ..Default::default()
+        };
+        let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap();
+        let mut sampler = Sampler::with_options(slice, options).unwrap();
+        let m = sample_worker(&mut sampler).memory.expect("memory read");
+        assert_eq!(m.origin, Origin::CgroupV1, "withheld: {withheld:?}");
+        assert_eq!(m.current, read_u64(&v1.join("memory.usage_in_bytes")), "withheld: {withheld:?}");
+        assert_eq!(m.peak, Some(read_u64(&v1.join("memory.max_usage_in_bytes"))), "withheld: {withheld:?}");
+        assert_eq!(m.limit, Some(512 << 20), "withheld: {withheld:?}");
+        assert_eq!(m.oom_kills, Some(0), "withheld: {withheld:?}");
+        assert!(m.anon.unwrap() >= 64 << 20, "the 64 MiB the load touched: {m:?}");
+    }
     let _ = std::fs::remove_dir(&v1); // best effort; TestCgroup removes it after the load dies
 }
 

@@ -44,6 +44,7 @@ pub struct Resolved {
 pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Resolved {
     let mut r = Resolver { btf, withheld, missing: Missing::new() };
     let rss = r.rss_counters();
+    let memcg = r.memory_cgroup();
     let fork = r.tracepoint("sched_process_fork");
     let exec = r.tracepoint("sched_process_exec");
     let exit = r.tracepoint("sched_process_exit");
@@ -101,6 +102,12 @@ pub fn resolve(btf: &Btf, slice_level: u32, withheld: &BTreeSet<String>) -> Reso
         rss_counter_percpu: rss.and_then(|c| c.percpu).unwrap_or(MISSING),
         nr_cpus: 0,
         bpf_array_pptrs: r.member(&BPF_ARRAY_PPTRS),
+        css_set_memory: memcg.map_or(MISSING, |m| m[0]),
+        css_cgroup: memcg.map_or(MISSING, |m| m[1]),
+        memcg_usage: memcg.map_or(MISSING, |m| m[2]),
+        memcg_watermark: memcg.map_or(MISSING, |m| m[3]),
+        memcg_max: memcg.map_or(MISSING, |m| m[4]),
+        memcg_oom_kills: memcg.map_or(MISSING, |m| m[5]),
     };
     let mut missing = r.missing;
     if layout.rss_counter_percpu != MISSING && layout.bpf_array_pptrs == MISSING {
@@ -214,6 +221,41 @@ fn rss_counters(btf: &Btf, at: u32) -> std::result::Result<RssCounters, String> 
         }
         _ => Err("mm_struct.rss_stat is neither an array nor a struct".into()),
     }
+}
+
+/// A memory cgroup's counters (`Task::memory_cgroup` in the probes); without them the
+/// loader reads its memory files.
+pub const MEMORY_CGROUP: &str = "mem_cgroup.memory";
+
+/// Offsets of `css_set.subsys[memory_cgrp_id]`, `cgroup_subsys_state.cgroup`,
+/// `mem_cgroup.memory.{usage, watermark, max}` and `mem_cgroup.memory_events[MEMCG_OOM_KILL]`.
+fn memory_cgroup(btf: &Btf) -> Result<[u32; 6]> {
+    if offset(btf, "mem_cgroup", &["css"])? != 0 {
+        return Err(Error::Btf("mem_cgroup.css is not its first member".into()));
+    }
+    let memory = enum_value(btf, "cgroup_subsys_id", "memory_cgrp_id")?;
+    let oom_kill = enum_value(btf, "memcg_memory_event", "MEMCG_OOM_KILL")?;
+    Ok([
+        offset(btf, "css_set", &["subsys"])? + 8 * memory,
+        offset(btf, "cgroup_subsys_state", &["cgroup"])?,
+        offset(btf, "mem_cgroup", &["memory", "usage"])?,
+        offset(btf, "mem_cgroup", &["memory", "watermark"])?,
+        offset(btf, "mem_cgroup", &["memory", "max"])?,
+        offset(btf, "mem_cgroup", &["memory_events"])? + 8 * oom_kill,
+    ])
+}
+
+/// The value of `value` in `enum name`.
+fn enum_value(btf: &Btf, name: &str, value: &str) -> Result<u32> {
+    let types = btf.resolve_types_by_name(name).map_err(|e| btf_err(format!("enum {name}"), e))?;
+    types
+        .iter()
+        .find_map(|t| match t {
+            Type::Enum(e) => e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == value)),
+            _ => None,
+        })
+        .map(|m| m.val())
+        .ok_or_else(|| Error::Btf(format!("enum {name} has no {value}")))
 }
 
 /// The type of member `name` of `s`, looked for through anonymous structs and unions.
@@ -371,6 +413,15 @@ impl Resolver<'_> {
             return None;
         }
         rss_counters(self.btf, at).map_err(|e| self.missing.insert(RSS_STAT.name.into(), e)).ok()
+    }
+
+    /// The memory cgroup offsets, or `None` with the reason listed under `MEMORY_CGROUP`.
+    fn memory_cgroup(&mut self) -> Option<[u32; 6]> {
+        if self.withheld.contains(MEMORY_CGROUP) {
+            self.missing.insert(MEMORY_CGROUP.into(), "withheld by HIVE_MONITOR_WITHHOLD".into());
+            return None;
+        }
+        memory_cgroup(self.btf).map_err(|e| self.missing.insert(MEMORY_CGROUP.into(), e.to_string())).ok()
     }
 
     fn tracepoint(&mut self, name: &'static str) -> Option<TracepointArgs> {

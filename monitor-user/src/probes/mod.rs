@@ -15,9 +15,9 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use monitor_common::{
-    names, IterRecord, ProbeStats, ProcessCounts, ProcessMemory, SliceFilter, TaskEvent, TaskEventKind,
-    EXIT_PROCESS, MAX_WORKERS, MISSING, TASK_EXITING, TASK_HAS_MEMORY, TASK_MAY_STALL,
-    TASK_MEMORY_UNREADABLE,
+    names, CgroupMemory, IterRecord, ProbeStats, ProcessCounts, ProcessMemory, SliceFilter, TaskEvent,
+    TaskEventKind, EXIT_PROCESS, MAX_WORKERS, MISSING, TASK_EXITING, TASK_HAS_MEMORY, TASK_HAS_MEMORY_CGROUP,
+    TASK_MAY_STALL, TASK_MEMORY_UNREADABLE,
 };
 
 use self::{figures::PROGRAMS, layout::Missing, ledger::Ledger};
@@ -80,8 +80,10 @@ pub struct Probes {
     /// Workers whose process counts changed since they were last read, and those counts.
     process_counts: HashMap<u64, ProcessCounts>,
     events_lost: u64,
-    /// Whether the iterator reads processes' resident memory on this kernel.
+    /// Whether the iterator reads processes' resident memory, and their memory cgroups'
+    /// counters, on this kernel.
     reads_memory: bool,
+    reads_memory_cgroups: bool,
     ebpf: Ebpf,
 }
 
@@ -125,6 +127,9 @@ pub struct KernelReading {
     /// when it has none, or when a process's could not be read (then `/proc` says). `None`
     /// where the iterator cannot read memory on this kernel.
     pub memory: Option<HashMap<u64, ProcessMemory>>,
+    /// Process (thread group id) → the memory cgroup it is charged to, with that cgroup's
+    /// counters; `None` where the iterator cannot read them on this kernel.
+    pub memory_cgroups: Option<HashMap<u32, CgroupMemory>>,
 }
 
 /// What one pass of the task iterator found besides the ledger's counts.
@@ -134,6 +139,7 @@ struct Pass {
     processes: HashMap<u64, Vec<u32>>,
     may_stall: HashSet<u64>,
     memory: HashMap<u64, ProcessMemory>,
+    memory_cgroups: HashMap<u32, CgroupMemory>,
 }
 
 impl Probes {
@@ -198,6 +204,7 @@ impl Probes {
         }
         let availability = Availability::new(&programs, &resolved.missing);
         let reads_memory = resolved.layout.task_mm != MISSING && resolved.layout.mm_rss_stat != MISSING;
+        let reads_memory_cgroups = resolved.layout.css_set_memory != MISSING;
         Ok(Self {
             sizes,
             workers: take_map(&mut ebpf, names::MAP_WORKERS)?,
@@ -211,6 +218,7 @@ impl Probes {
             process_counts: HashMap::new(),
             events_lost: 0,
             reads_memory,
+            reads_memory_cgroups,
             ebpf,
         })
     }
@@ -292,13 +300,15 @@ impl Probes {
         }
         let mut events = self.drain_events();
         self.ledger.begin_pass();
-        let (at_ns, kernel_ns, processes, may_stall, memory) = match self.availability_of_iterator() {
-            true => self.iterate().map(|p| {
-                let memory = self.reads_memory.then_some(p.memory);
-                (p.at_ns, p.kernel_ns, Some(p.processes), Some(p.may_stall), memory)
-            })?,
-            false => (monotonic_ns(), 0, None, None, None),
-        };
+        let (at_ns, kernel_ns, processes, may_stall, memory, memory_cgroups) =
+            match self.availability_of_iterator() {
+                true => self.iterate().map(|p| {
+                    let memory = self.reads_memory.then_some(p.memory);
+                    let memory_cgroups = self.reads_memory_cgroups.then_some(p.memory_cgroups);
+                    (p.at_ns, p.kernel_ns, Some(p.processes), Some(p.may_stall), memory, memory_cgroups)
+                })?,
+                false => (monotonic_ns(), 0, None, None, None, None),
+            };
         events.extend(self.finals_of_the_unseen());
         self.ledger.end_pass(at_ns);
 
@@ -346,7 +356,17 @@ impl Probes {
             .into_iter()
             .filter(|e| e.kind != TaskEventKind::Free as u32 && e.kind != TaskEventKind::Moved as u32)
             .collect();
-        Ok(KernelReading { at_ns, workers, stats, kernel_ns, events, processes, may_stall, memory })
+        Ok(KernelReading {
+            at_ns,
+            workers,
+            stats,
+            kernel_ns,
+            events,
+            processes,
+            may_stall,
+            memory,
+            memory_cgroups,
+        })
     }
 
     fn availability_of_iterator(&self) -> bool {
@@ -423,9 +443,10 @@ impl Probes {
         let mut may_stall = HashSet::new();
         let mut memory: HashMap<u64, ProcessMemory> = HashMap::new();
         let mut memory_unreadable = HashSet::new();
+        let mut memory_cgroups = HashMap::new();
         for chunk in bytes.chunks_exact(SIZE) {
             // SAFETY: each chunk is one IterRecord the program wrote, plain old data.
-            let IterRecord { task: record, memory: m } =
+            let IterRecord { task: record, memory: m, memory_cgroup } =
                 unsafe { chunk.as_ptr().cast::<IterRecord>().read_unaligned() };
             self.ledger.record(&record);
             if record.flags & TASK_EXITING == 0 {
@@ -439,6 +460,9 @@ impl Probes {
                 if record.flags & TASK_MEMORY_UNREADABLE != 0 {
                     memory_unreadable.insert(record.worker);
                 }
+                if record.flags & TASK_HAS_MEMORY_CGROUP != 0 {
+                    memory_cgroups.insert(record.tgid, memory_cgroup);
+                }
             }
             if record.flags & TASK_MAY_STALL != 0 {
                 may_stall.insert(record.worker);
@@ -449,7 +473,7 @@ impl Probes {
             pids.sort_unstable();
             pids.dedup();
         }
-        Ok(Pass { at_ns, kernel_ns, processes, may_stall, memory })
+        Ok(Pass { at_ns, kernel_ns, processes, may_stall, memory, memory_cgroups })
     }
 }
 

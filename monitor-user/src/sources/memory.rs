@@ -8,10 +8,11 @@
 use std::{
     collections::{hash_map::Entry, HashMap, HashSet},
     ffi::OsString,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
-use monitor_common::ProcessMemory;
+use monitor_common::{CgroupMemory, ProcessMemory};
 use rustc_hash::FxBuildHasher;
 
 use crate::{
@@ -54,10 +55,11 @@ pub struct MemorySource {
     /// The v1 memory hierarchy's mount point, on a hybrid host (there the v2 tree has no
     /// memory controller).
     v1_mount: Option<PathBuf>,
-    /// Main process → its v1 memory cgroup, as of the last lookup, and whether that had
-    /// child cgroups then (a child made since holds processes missing from the listing, so
-    /// the figure is summed from `/proc` until the next lookup: never a wrong one).
-    v1_dirs: HashMap<u32, (PathBuf, bool), FxBuildHasher>,
+    /// Main process → its v1 memory cgroup, as of the last lookup, whether that had child
+    /// cgroups then (a child made since holds processes missing from the listing, so the
+    /// figure is summed over the processes until the next lookup: never a wrong one), and
+    /// its id (inode number).
+    v1_dirs: HashMap<u32, V1Dir, FxBuildHasher>,
     /// The processes of each v1 memory cgroup looked at during this sample.
     v1_members: HashMap<PathBuf, HashSet<u32, FxBuildHasher>, FxBuildHasher>,
     /// v1 memory cgroups that the main processes of two or more workers are in: such a
@@ -71,6 +73,26 @@ pub struct MemorySource {
     samples: u64,
     /// The memory files of the workers and their processes, kept open.
     files: KeptFiles,
+    /// Whether v2 `memory.events` counts only the cgroup's own events (the
+    /// `memory_localevents` mount option): the kernel's hierarchical count is not its figure.
+    local_events: bool,
+}
+
+/// A main process's v1 memory cgroup, as of the last lookup.
+struct V1Dir {
+    dir: PathBuf,
+    nested: bool,
+    id: u64,
+}
+
+/// What the task iterator read of a worker's memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FromKernel {
+    /// Its processes' resident memory, summed.
+    pub processes: Option<ProcessMemory>,
+    /// The memory cgroup its main process is charged to, with that cgroup's counters: when
+    /// that is the cgroup whose files would be read, only `memory.stat` is.
+    pub main_cgroup: Option<CgroupMemory>,
 }
 
 impl MemorySource {
@@ -83,6 +105,7 @@ impl MemorySource {
             v1_dirs_changed: false,
             samples: 0,
             files: KeptFiles::default(),
+            local_events: cgroup2_local_events(),
         }
     }
 
@@ -102,7 +125,7 @@ impl MemorySource {
         self.v1_shared = self
             .v1_dirs
             .values()
-            .map(|(d, _)| d.as_os_str())
+            .map(|d| d.dir.as_os_str())
             .filter(|d| !seen.insert(*d))
             .map(Into::into)
             .collect();
@@ -115,23 +138,26 @@ impl MemorySource {
         self.v1_dirs_changed |= self.v1_dirs.len() != before;
     }
 
-    /// Reads a worker's memory. `dir` is its v2 cgroup, `procs` every process in it and
-    /// below, and `summed` their memory as the task iterator read it (`None` without).
-    /// A v1 memory cgroup found stale (the main process moved) gives no wrong figure: its
-    /// members no longer equal `procs`, so the processes are summed instead until the next
-    /// lookup.
+    /// Reads a worker's memory. `dir` is its v2 cgroup and `id` that cgroup's id, `procs`
+    /// every process in it and below, and `kernel` what the task iterator read (nothing
+    /// without it). A v1 memory cgroup found stale (the main process moved) gives no wrong
+    /// figure: its members no longer equal `procs`, so the processes are summed instead
+    /// until the next lookup.
     pub fn read(
         &mut self,
-        dir: &Path,
+        (dir, id): (&Path, u64),
         procs: &[u32],
         main: Option<u32>,
-        summed: Option<ProcessMemory>,
+        kernel: FromKernel,
     ) -> Result<MemoryReading> {
-        let of_processes = |files: &mut KeptFiles| match summed {
+        let of_processes = |files: &mut KeptFiles| match kernel.processes {
             Some(m) => Ok(from_kernel(m)),
             None => read_procfs(files, procs),
         };
         let Some(mount) = &self.v1_mount else {
+            if let Some(c) = kernel.main_cgroup.filter(|c| c.id == id && !self.local_events) {
+                return read_v2_counted(&mut self.files, dir, c);
+            }
             // Without the memory controller enabled on it, a v2 cgroup has no memory files.
             return match read_v2(&mut self.files, dir) {
                 Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -141,26 +167,30 @@ impl MemorySource {
             };
         };
         if let Some(main) = main {
-            let (v1, nested) = match self.v1_dirs.entry(main) {
+            let v1 = match self.v1_dirs.entry(main) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
                     let dir = v1_memory_dir(mount, main)?;
                     let nested = cgroup::has_children(&dir);
+                    let id = std::fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?.ino();
                     self.v1_dirs_changed = true;
-                    e.insert((dir, nested))
+                    e.insert(V1Dir { dir, nested, id })
                 }
             };
-            if self.v1_shared.contains(v1.as_os_str()) {
+            if self.v1_shared.contains(v1.dir.as_os_str()) {
                 return of_processes(&mut self.files);
             }
-            let inside = match self.v1_members.entry(v1.clone()) {
+            let inside = match self.v1_members.entry(v1.dir.clone()) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
-                    e.insert(cgroup::procs_kept(v1, *nested, &mut self.files)?.into_iter().collect())
+                    e.insert(cgroup::procs_kept(&v1.dir, v1.nested, &mut self.files)?.into_iter().collect())
                 }
             };
             if inside.len() == procs.len() && procs.iter().all(|p| inside.contains(p)) {
-                return read_v1(&mut self.files, v1);
+                return match kernel.main_cgroup.filter(|c| c.id == v1.id) {
+                    Some(c) => read_v1_counted(&mut self.files, &v1.dir, c),
+                    None => read_v1(&mut self.files, &v1.dir),
+                };
             }
         }
         of_processes(&mut self.files)
@@ -183,13 +213,13 @@ fn v1_memory_dir(mount: &Path, pid: u32) -> Result<PathBuf> {
 }
 
 fn read_v2(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReading> {
+    let (anon, file) = v2_stat(files, dir)?;
     let mut read_file = |name: &str| read_file(files, &dir.join(name));
-    let stat = read_file("memory.stat")?;
     Ok(MemoryReading {
         origin: Origin::CgroupV2,
         current: number(&dir.join("memory.current"), &read_file("memory.current")?)?,
-        anon: Some(field(&stat, "anon").ok_or_else(|| invalid(dir.join("memory.stat"), "no anon"))?),
-        file: Some(field(&stat, "file").ok_or_else(|| invalid(dir.join("memory.stat"), "no file"))?),
+        anon: Some(anon),
+        file: Some(file),
         // memory.peak appeared in Linux 5.19.
         peak: read_file("memory.peak").ok().and_then(|t| number(&dir.join("memory.peak"), &t).ok()),
         limit: match read_file("memory.max")?.trim() {
@@ -198,6 +228,61 @@ fn read_v2(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReading> {
         },
         oom_kills: field(&read_file("memory.events")?, "oom_kill"),
     })
+}
+
+/// `memory.current`, `.peak`, `.max` and `memory.events` `oom_kill` from the counters the
+/// task iterator read (the values those files print), and `memory.stat` read.
+fn read_v2_counted(files: &mut KeptFiles, dir: &Path, c: CgroupMemory) -> Result<MemoryReading> {
+    let page = page_size();
+    let (anon, file) = v2_stat(files, dir)?;
+    Ok(MemoryReading {
+        origin: Origin::CgroupV2,
+        current: c.usage_pages * page,
+        anon: Some(anon),
+        file: Some(file),
+        peak: Some(c.watermark_pages * page),
+        // `memory.max` prints "max" for PAGE_COUNTER_MAX, `LONG_MAX / PAGE_SIZE`.
+        limit: (c.max_pages != i64::MAX as u64 / page).then_some(c.max_pages * page),
+        oom_kills: Some(c.oom_kills),
+    })
+}
+
+/// As `read_v2_counted`, for a v1 memory cgroup: `memory.usage_in_bytes`,
+/// `.max_usage_in_bytes`, `.limit_in_bytes` and `memory.oom_control` `oom_kill`.
+fn read_v1_counted(files: &mut KeptFiles, dir: &Path, c: CgroupMemory) -> Result<MemoryReading> {
+    let page = page_size();
+    let (anon, file) = v1_stat(files, dir)?;
+    let limit = c.max_pages * page;
+    Ok(MemoryReading {
+        origin: Origin::CgroupV1,
+        current: c.usage_pages * page,
+        anon,
+        file,
+        peak: Some(c.watermark_pages * page),
+        limit: (limit < V1_UNLIMITED).then_some(limit),
+        oom_kills: Some(c.oom_kills),
+    })
+}
+
+/// The anonymous and file bytes of a v2 cgroup's `memory.stat`.
+fn v2_stat(files: &mut KeptFiles, dir: &Path) -> Result<(u64, u64)> {
+    let path = dir.join("memory.stat");
+    let stat = read_file(files, &path)?;
+    let get = |name: &str| field(&stat, name).ok_or_else(|| invalid(&path, &format!("no {name}")));
+    Ok((get("anon")?, get("file")?))
+}
+
+/// The anonymous and file bytes of a v1 cgroup's `memory.stat`: its `total_` fields, which
+/// include the cgroup's descendants, as `usage_in_bytes` does.
+fn v1_stat(files: &mut KeptFiles, dir: &Path) -> Result<(Option<u64>, Option<u64>)> {
+    let stat = read_file(files, &dir.join("memory.stat"))?;
+    Ok((field(&stat, "total_rss"), field(&stat, "total_cache")))
+}
+
+/// Whether the cgroup2 hierarchy is mounted with `memory_localevents`.
+fn cgroup2_local_events() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ") && l.contains("memory_localevents")))
 }
 
 /// Values at or above this in `memory.limit_in_bytes` mean "no limit" (PAGE_COUNTER_MAX
@@ -212,13 +297,12 @@ fn read_v1(files: &mut KeptFiles, dir: &Path) -> Result<MemoryReading> {
     let limit = read_u64("memory.limit_in_bytes")?;
     let current = read_u64("memory.usage_in_bytes")?;
     let peak = read_u64("memory.max_usage_in_bytes")?;
-    let stat = read_file(files, &dir.join("memory.stat"))?;
+    let (anon, file) = v1_stat(files, dir)?;
     Ok(MemoryReading {
         origin: Origin::CgroupV1,
         current,
-        // The total_ fields include the cgroup's descendants, as usage_in_bytes does.
-        anon: field(&stat, "total_rss"),
-        file: field(&stat, "total_cache"),
+        anon,
+        file,
         peak: Some(peak),
         limit: (limit < V1_UNLIMITED).then_some(limit),
         oom_kills: field(&read_file(files, &dir.join("memory.oom_control"))?, "oom_kill"),
@@ -344,12 +428,18 @@ mod tests {
         std::fs::write(dir.join("memory.events"), "oom_kill 0\n").unwrap();
         for (file, text) in [("memory.current", "lots\n"), ("memory.current", "")] {
             std::fs::write(dir.join(file), text).unwrap();
-            let e = MemorySource::new(None).read(&dir, &[], None, None).unwrap_err().to_string();
+            let e = MemorySource::new(None)
+                .read((&dir, 0), &[], None, FromKernel::default())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("memory.current"), "{e}");
         }
         std::fs::write(dir.join("memory.current"), "4096\n").unwrap();
         std::fs::write(dir.join("memory.stat"), "file 2\n").unwrap();
-        let e = MemorySource::new(None).read(&dir, &[], None, None).unwrap_err().to_string();
+        let e = MemorySource::new(None)
+            .read((&dir, 0), &[], None, FromKernel::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memory.stat") && e.contains("anon"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -556,6 +556,72 @@ fn check_memory(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
     ])
 }
 
+/// A worker with a memory cgroup of its own (its group enables the controller below it), a
+/// limit set and its memory held still: the heartbeat's figures, which the task iterator
+/// read from the cgroup's counters, against the cgroup's files read just before the sample
+/// and just after it. A figure passes when it equals either (a CPU's charge cache, drained
+/// when another cgroup charges on that CPU, can move `memory.current` in between).
+fn check_memory_cgroup(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
+    let mib = if o.quick { 16 } else { 64 };
+    let dir = worker_dir("memcg");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let limit = 4 * mib * MIB;
+    std::fs::write(dir.join("memory.max"), limit.to_string()).map_err(|e| format!("memory.max: {e}"))?;
+    let mut load = Load::start("memcg", &o.load, &["alloc", &mib.to_string(), "600"], None)
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proc_field(load.pid(), "status", "VmRSS:") < mib * 1024 {
+        load.alive()?;
+        if Instant::now() > deadline {
+            return Err(format!("the load did not touch its {mib} MiB within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let files = || -> [(&str, Option<u64>); 4] {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        [
+            ("current_bytes", read("memory.current").and_then(|t| t.trim().parse().ok())),
+            // memory.peak appeared in 5.19.
+            ("peak_bytes", read("memory.peak").and_then(|t| t.trim().parse().ok())),
+            ("limit_bytes", read("memory.max").and_then(|t| t.trim().parse().ok())),
+            (
+                "oom_kills",
+                read("memory.events").and_then(|t| {
+                    t.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok())
+                }),
+            ),
+        ]
+    };
+    let before = files();
+    let hb = d.fresh()?;
+    let after = files();
+    let w = worker(&hb, "memcg")?;
+    let memory = &w["memory"];
+    let source = memory["source"].as_str().unwrap_or("?").to_string();
+    let rows = before.iter().zip(after).filter_map(|((figure, was), (_, now))| {
+        let (was, now) = (was.or(now)?, now.or(*was)?);
+        let ours = memory[*figure].as_u64();
+        let error = ours.map(|v| v.abs_diff(was).min(v.abs_diff(now)) as f64);
+        let note = match was == now {
+            true => format!("memory.{} file", figure.trim_end_matches("_bytes")),
+            false => format!("the file read {was} before the sample, {now} after"),
+        };
+        Some(Row {
+            check: "memory cgroup".into(),
+            figure: format!("memory.{figure}"),
+            monitor: json!(ours),
+            reference: json!(now),
+            error,
+            unit: " B",
+            bound: Some(0.0),
+            pass: error == Some(0.0) && source == "cgroup",
+            note: if source == "cgroup" { note } else { format!("memory.source is {source}; {note}") },
+            source: source.clone(),
+        })
+    });
+    Ok(rows.collect())
+}
+
 /// Waits until the load's /proc/<pid>/io fields reach `want`, then a moment more (idle).
 fn wait_io(load: &mut Load, want: &[(&str, u64)], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
@@ -763,8 +829,9 @@ fn main() {
         timed(&check, t);
     }
     type Check = fn(&Daemon, &Opts) -> Result<Vec<Row>, String>;
-    let checks: [(&str, &str, Check); 6] = [
+    let checks: [(&str, &str, Check); 7] = [
         ("memory of processes", "memory.*_bytes", check_memory),
+        ("memory cgroup", "memory.*", check_memory_cgroup),
         ("syscall io", "io_syscall_*_bytes_total", check_syscall_io),
         ("storage direct", "io_*_bytes_total", check_direct),
         ("storage buffered+fsync", "io_write_bytes_total", check_writesync),
