@@ -25,6 +25,17 @@ fn sample_worker(sampler: &mut Sampler) -> WorkerSample {
     sample.workers[0].clone()
 }
 
+/// One sample of the test's slice, by probes with `withheld` treated as missing.
+fn sample_withholding(cg: &TestCgroup, withheld: Option<&str>) -> WorkerSample {
+    let options = SamplerOptions {
+        bpf: BpfMode::Required,
+        withhold: withheld.into_iter().map(String::from).collect(),
+        ..Default::default()
+    };
+    let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap();
+    sample_worker(&mut Sampler::with_options(slice, options).unwrap())
+}
+
 #[test]
 fn memory_comes_from_the_workers_own_memory_cgroup() {
     if !bpf_available("memory_cgroup") {
@@ -44,14 +55,7 @@ fn memory_comes_from_the_workers_own_memory_cgroup() {
     // The task iterator reads the cgroup's counters, and only memory.stat is read; withheld,
     // every file is. Both equal the files.
     for withheld in [None, Some("mem_cgroup.memory")] {
-        let options = SamplerOptions {
-            bpf: BpfMode::Required,
-            withhold: withheld.into_iter().map(String::from).collect(),
-            ..Default::default()
-        };
-        let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap();
-        let mut sampler = Sampler::with_options(slice, options).unwrap();
-        let m = sample_worker(&mut sampler).memory.expect("memory read");
+        let m = sample_withholding(&cg, withheld).memory.expect("memory read");
         assert_eq!(m.origin, Origin::CgroupV1, "withheld: {withheld:?}");
         assert_eq!(m.current, read_u64(&v1.join("memory.usage_in_bytes")), "withheld: {withheld:?}");
         assert_eq!(m.peak, Some(read_u64(&v1.join("memory.max_usage_in_bytes"))), "withheld: {withheld:?}");
@@ -78,14 +82,7 @@ fn a_shared_memory_cgroup_is_summed_over_the_processes() {
     std::thread::sleep(Duration::from_millis(500));
 
     for (withheld, origin) in [(None, Origin::Ebpf), (Some("mm_struct.rss_stat"), Origin::Procfs)] {
-        let options = SamplerOptions {
-            bpf: BpfMode::Required,
-            withhold: withheld.into_iter().map(String::from).collect(),
-            ..Default::default()
-        };
-        let slice = Slice::new(&cg.root, &cg.rel("rbee.slice")).unwrap();
-        let mut sampler = Sampler::with_options(slice, options).unwrap();
-        let m = sample_worker(&mut sampler).memory.expect("memory read");
+        let m = sample_withholding(&cg, withheld).memory.expect("memory read");
         if m.origin == Origin::CgroupV2 {
             eprintln!("SKIPPED a_shared_memory_cgroup_is_summed_over_the_processes: the v2 worker cgroup has its own memory controller");
             return;

@@ -510,6 +510,19 @@ fn bytes_row(check: &str, figure: &str, ours: u64, proc_name: &str, proc_value: 
     }
 }
 
+/// Waits until an `alloc` load holds its `mib` MiB.
+fn wait_resident(load: &mut Load, mib: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proc_field(load.pid(), "status", "VmRSS:") < mib * 1024 {
+        load.alive()?;
+        if Instant::now() > deadline {
+            return Err(format!("the load did not touch its {mib} MiB within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// A worker whose cgroup has no memory controller of its own (its group does not enable
 /// one below it), so its memory is summed over its processes by the task iterator: the
 /// heartbeat's figures against the load's `/proc/<pid>/status`, kind by kind, exactly (the
@@ -519,14 +532,7 @@ fn check_memory(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
     let group = Path::new(CGROUP_ROOT).join(SLICE).join(SHARED_MEMORY_GROUP);
     let mut load = Load::start_at(group.join("1"), &o.load, &["alloc", &mib.to_string(), "600"], None)
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proc_field(load.pid(), "status", "VmRSS:") < mib * 1024 {
-        load.alive()?;
-        if Instant::now() > deadline {
-            return Err(format!("the load did not touch its {mib} MiB within 60 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_resident(&mut load, mib)?;
     let hb = d.fresh()?;
     let status = |field: &str| proc_field(load.pid(), "status", field) * 1024;
     let w = worker_in(&hb, SHARED_MEMORY_GROUP, "1")?;
@@ -576,14 +582,7 @@ fn check_memory_cgroup(d: &Daemon, o: &Opts) -> Result<Vec<Row>, String> {
     std::fs::write(dir.join("memory.max"), limit.to_string()).map_err(|e| format!("memory.max: {e}"))?;
     let mut load = Load::start_at(dir.clone(), &o.load, &["alloc", &mib.to_string(), "600"], None)
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proc_field(load.pid(), "status", "VmRSS:") < mib * 1024 {
-        load.alive()?;
-        if Instant::now() > deadline {
-            return Err(format!("the load did not touch its {mib} MiB within 60 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_resident(&mut load, mib)?;
     let files = || -> [(&str, &str, Option<u64>); 4] {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
         let oom_kill = |t: String| {
