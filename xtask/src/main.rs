@@ -54,6 +54,10 @@ enum Cmd {
         /// cpu_accuracy, io_accuracy, record); the fuzzers then do not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Alternating rounds of each host-cost case: more narrow each ratio's interval, at
+        /// about 30 s a round.
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
     },
     /// Run each fuzz target (cargo fuzz, libFuzzer) for a bounded time and print the
     /// executions reached; writes target/bench/fuzz.json.
@@ -133,7 +137,7 @@ fn xtask(cli: Cli) -> Result<()> {
             };
             demo::demo(demo::Opts { daemon, seconds, slice, cgroup_root, listen })
         }
-        Cmd::Bench { only } => {
+        Cmd::Bench { only, rounds } => {
             // perf, hackbench, nginx, wrk; without them hm-bench skips those workloads, saying so.
             if let Err(e) = run(Command::new("bash").arg(root.join("scripts/bench-deps"))) {
                 eprintln!("xtask: {e:#}");
@@ -158,6 +162,7 @@ fn xtask(cli: Cli) -> Result<()> {
                 .arg(dir.join("bench.json"))
                 .arg("--scratch")
                 .arg(&dir)
+                .args(["--rounds", &rounds.to_string()])
                 .args(only.iter().flat_map(|s| ["--only", s.as_str()])))?;
             match only.is_empty() {
                 true => fuzz(&root, BENCH_FUZZ_SECONDS),

@@ -57,7 +57,6 @@ impl WorkerMemory {
 const DAEMON_BEATS: usize = 24;
 const MIB: u64 = 1 << 20;
 /// Rounds of each condition in the host-cost A/B, without and with the daemon alternating.
-const HOST_ROUNDS: usize = 9;
 /// Seconds one round of `perf bench sched pipe` should take; its loop count is sized to it.
 const PIPE_ROUND_S: f64 = 2.0;
 const HACKBENCH_ARGS: [&str; 4] = ["-g", "4", "-l", "1000"];
@@ -77,12 +76,14 @@ struct Args {
     scratch: PathBuf,
     /// Sections to run; all when empty.
     only: Vec<String>,
+    /// Alternating rounds of each host-cost case.
+    rounds: usize,
 }
 
 fn args() -> Args {
     let mut a = std::env::args().skip(1);
     let (mut daemon, mut load, mut out, mut scratch) = (None, None, None, None);
-    let mut only = Vec::new();
+    let (mut only, mut rounds) = (Vec::new(), 9);
     while let Some(flag) = a.next() {
         if flag == "threads" {
             let n = a.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
@@ -96,17 +97,22 @@ fn args() -> Args {
             "--out" => out = Some(PathBuf::from(value)),
             "--scratch" => scratch = Some(PathBuf::from(value)),
             "--only" => only.push(value),
+            "--rounds" => rounds = value.parse().ok().filter(|r| *r >= 2).unwrap_or_else(|| usage()),
             _ => usage(),
         }
     }
     match (daemon, load, out, scratch) {
-        (Some(daemon), Some(load), Some(out), Some(scratch)) => Args { daemon, load, out, scratch, only },
+        (Some(daemon), Some(load), Some(out), Some(scratch)) => {
+            Args { daemon, load, out, scratch, only, rounds }
+        }
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: hm-bench --daemon BIN --load BIN --out FILE --scratch DIR [--only SECTION]...");
+    eprintln!(
+        "usage: hm-bench --daemon BIN --load BIN --out FILE --scratch DIR [--rounds N] [--only SECTION]..."
+    );
     std::process::exit(2)
 }
 
@@ -1073,7 +1079,8 @@ const RESAMPLES: usize = 2000;
 fn host_cost(args: &Args) -> Value {
     println!(
         "\n== Cost to the host: throughput without and with `hive-monitor run` attached to the slice,\n   \
-         {HOST_ROUNDS} rounds each, alternating; ratio = median with / median without"
+         {} rounds each, alternating; ratio = median with / median without",
+        args.rounds
     );
     let tools =
         Tools { perf: tool("perf"), hackbench: tool("hackbench"), nginx: tool("nginx"), wrk: tool("wrk") };
@@ -1137,7 +1144,7 @@ fn host_cost(args: &Args) -> Value {
     // Counts the programs' run time, for the monitor's share of each monitored run.
     let _stats = BpfStats::enable();
     let started = Instant::now();
-    for round in 0..HOST_ROUNDS {
+    for round in 0..args.rounds {
         // ABBA: odd rounds start with the daemon, so a drift of the host weighs on both alike.
         let order = if round % 2 == 0 { [false, true] } else { [true, false] };
         for monitored in order {
@@ -1162,11 +1169,11 @@ fn host_cost(args: &Args) -> Value {
             }
             drop(daemon);
         }
-        println!("   round {}/{HOST_ROUNDS} done ({} s)", round + 1, started.elapsed().as_secs());
+        println!("   round {}/{} done ({} s)", round + 1, args.rounds, started.elapsed().as_secs());
     }
 
     let rows = host_table(&cases, pipe);
-    json!({ "rounds": HOST_ROUNDS, "pipe_cpu": cpu, "notes": notes, "rows": rows })
+    json!({ "rounds": args.rounds, "pipe_cpu": cpu, "notes": notes, "rows": rows })
 }
 
 /// Prints the host-cost table; returns its rows as JSON.
