@@ -387,8 +387,8 @@ impl Task {
     }
 
     /// The process's resident memory, read at its thread group leader. `cpu_offsets` says
-    /// whether this pass found the CPUs' per-CPU offsets, which kernels whose `statm` adds
-    /// per-CPU parts need.
+    /// whether this pass found the CPUs' per-CPU offsets, which the counters need from 6.2
+    /// (`rss_counter_percpu`).
     #[inline(always)]
     pub fn memory(self, cpu_offsets: bool) -> Memory {
         let at = layout!(task_mm);
@@ -545,8 +545,8 @@ struct Mm(KernelPtr);
 
 impl Mm {
     /// Resident pages of kind `i` (`MM_FILEPAGES`, ...), as `/proc/<pid>/statm` reports
-    /// them: `rss_stat[i]`'s count, plus, where statm adds them (`rss_counter_percpu`), the
-    /// per-CPU parts not yet folded in; `None` when a part cannot be read. A fold between
+    /// them: `rss_stat[i]`'s count, plus, where the counter is per-CPU (`rss_counter_percpu`),
+    /// the per-CPU parts not yet folded in; `None` when a part cannot be read. A fold between
     /// reading the count and the parts moves up to a batch from one to the other; the count
     /// is read again, and the sum taken again if it moved. Negative totals (pages counted
     /// out on one CPU and in on another) read as 0, as in statm.

@@ -21,7 +21,7 @@ use crate::{
 static mut SESSION: u64 = 0;
 static mut OFFSET: u64 = 0;
 /// Whether this session found the CPUs' per-CPU offsets, which processes' memory needs on
-/// kernels whose `statm` adds per-CPU parts.
+/// kernels whose memory counters are per-CPU (from 6.2).
 static mut CPU_OFFSETS_FOUND: bool = false;
 
 #[unsafe(no_mangle)]
