@@ -14,10 +14,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use monitor_common::{
     ClockOffset, ProbeStats, ProcessCounts, SliceFilter, TaskEvent, TaskEventKind, EVENTS_BYTES, MAX_CPUS,
-    MAX_WORKERS,
+    MAX_WORKERS, MISSING,
 };
 
-use crate::kernel::{monotonic_ns, Task};
+use crate::kernel::{layout, monotonic_ns, Task};
 
 /// Worker cgroup id → its process counts. Per CPU, so forks on many cores never contend.
 #[map]
@@ -48,12 +48,18 @@ pub static CPU_BASE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static CPU_OFFSETS: Array<u64> = Array::with_max_entries(MAX_CPUS + 1, 0);
 
-/// Fills `CPU_OFFSETS` for the first `cpus` CPUs: each is the address of `CPU_BASE`'s slot
-/// on that CPU (`bpf_map_lookup_percpu_elem`) less the slot's per-CPU pointer, which the map
-/// keeps in `struct bpf_array.pptrs[0]` at `pptrs_at`. Reading an address as a number takes
-/// a privileged loader (the verifier's `allow_ptr_leaks`), which this one is.
+/// Fills `CPU_OFFSETS` for the first `nr_cpus` CPUs, where processes' memory counters are
+/// per-CPU (`rss_counter_percpu`); `None` elsewhere, or when one cannot be found. Each is
+/// the address of `CPU_BASE`'s slot on that CPU (`bpf_map_lookup_percpu_elem`) less the
+/// slot's per-CPU pointer, which the map keeps in `struct bpf_array.pptrs[0]`. Reading an
+/// address as a number takes a privileged loader (the verifier's `allow_ptr_leaks`), which
+/// this one is.
 #[inline(always)]
-pub fn find_cpu_offsets(cpus: u32, pptrs_at: u32) -> Option<()> {
+pub fn find_cpu_offsets() -> Option<()> {
+    if layout!(rss_counter_percpu) == MISSING {
+        return None;
+    }
+    let (cpus, pptrs_at) = (layout!(nr_cpus), layout!(bpf_array_pptrs));
     let scratch = CPU_OFFSETS.get_ptr_mut(MAX_CPUS)?;
     let map = (&raw const CPU_BASE).cast_mut().cast::<c_void>();
     // SAFETY: `scratch` is a map value of ours; the volatile load makes the compiler read

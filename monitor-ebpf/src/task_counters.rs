@@ -8,11 +8,11 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_seq_write;
 use monitor_common::{
-    IterRecord, ProcessMemory, MISSING, TASK_HAS_MEMORY, TASK_HAS_MEMORY_CGROUP, TASK_MEMORY_UNREADABLE,
+    IterRecord, ProcessMemory, TASK_HAS_MEMORY, TASK_HAS_MEMORY_CGROUP, TASK_MEMORY_UNREADABLE,
 };
 
 use crate::{
-    kernel::{self, layout, Memory},
+    kernel::{self, Memory},
     maps::{find_cpu_offsets, set_clock_offset, slice},
 };
 
@@ -32,8 +32,6 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
     let Some((meta, task)) = (unsafe { kernel::task_iter_args(ctx) }) else { return 0 };
     // Measured at the first task, just after the loader yielded the CPU (see `clock_offset`).
     let session = meta.session_id();
-    let per_cpu_parts = layout!(rss_counter_percpu) != MISSING;
-    let (cpus, pptrs_at) = (layout!(nr_cpus), layout!(bpf_array_pptrs));
     // SAFETY: one iteration runs on one CPU at a time, and only the loader's sampler reads
     // the iterator, so these plain globals are not raced.
     let (offset, cpu_offsets) = unsafe {
@@ -43,7 +41,7 @@ pub fn task_counters(ctx: *mut c_void) -> i32 {
             if OFFSET != 0 {
                 set_clock_offset(OFFSET);
             }
-            CPU_OFFSETS_FOUND = per_cpu_parts && find_cpu_offsets(cpus, pptrs_at).is_some();
+            CPU_OFFSETS_FOUND = find_cpu_offsets().is_some();
         }
         (OFFSET, CPU_OFFSETS_FOUND)
     };

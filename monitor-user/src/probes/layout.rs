@@ -192,35 +192,27 @@ struct RssCounters {
 
 /// `rss_stat` is `struct percpu_counter rss_stat[NR_MM_COUNTERS]` from 6.2, and before it
 /// `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }`.
-fn rss_counters(btf: &Btf, at: u32) -> std::result::Result<RssCounters, String> {
-    let mm = named_struct(btf, "mm_struct").map_err(|e| e.to_string())?;
-    let rss_stat = member_type(btf, &mm, "rss_stat").ok_or("mm_struct has no rss_stat")?;
-    let element = |a: &btf_rs::Array| {
-        strip(btf, btf.resolve_chained_type(a).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
-    };
-    match strip(btf, rss_stat).map_err(|e| e.to_string())? {
-        Type::Array(a) => {
-            let Type::Struct(counter) = element(&a)? else {
-                return Err("rss_stat is not an array of structs".into());
-            };
-            let size = counter.size() as u32;
-            let count = offset(btf, "percpu_counter", &["count"]).map_err(|e| e.to_string())?;
-            let percpu = offset(btf, "percpu_counter", &["counters"]).map_err(|e| e.to_string())?;
-            Ok(RssCounters { at, size, count, percpu: Some(percpu) })
-        }
-        Type::Struct(stat) => {
-            let counters = member_type(btf, &stat, "count").ok_or("mm_rss_stat has no count")?;
-            let Type::Array(a) = strip(btf, counters).map_err(|e| e.to_string())? else {
-                return Err("mm_rss_stat.count is not an array".into());
-            };
-            let Type::Struct(counter) = element(&a)? else {
-                return Err("mm_rss_stat.count is not an array of atomic_long_t".into());
-            };
-            let count = offset(btf, "mm_rss_stat", &["count"]).map_err(|e| e.to_string())?;
-            Ok(RssCounters { at, size: counter.size() as u32, count, percpu: None })
-        }
-        _ => Err("mm_struct.rss_stat is neither an array nor a struct".into()),
+fn rss_counters(btf: &Btf, at: u32) -> Result<RssCounters> {
+    let (_, rss_stat) = offset_and_type(btf, "mm_struct", &["rss_stat"])?;
+    if let Some(counter) = array_of_structs(btf, rss_stat)? {
+        let count = offset(btf, "percpu_counter", &["count"])?;
+        let percpu = offset(btf, "percpu_counter", &["counters"])?;
+        return Ok(RssCounters { at, size: counter.size() as u32, count, percpu: Some(percpu) });
     }
+    let (count, counters) = offset_and_type(btf, "mm_rss_stat", &["count"])?;
+    let counter = array_of_structs(btf, counters)?
+        .ok_or_else(|| Error::Btf("mm_rss_stat.count is not an array of atomic_long_t".into()))?;
+    Ok(RssCounters { at, size: counter.size() as u32, count, percpu: None })
+}
+
+/// The struct an array of structs holds; `None` for any other type.
+fn array_of_structs(btf: &Btf, t: Type) -> Result<Option<btf_rs::Struct>> {
+    let Type::Array(a) = strip(btf, t)? else { return Ok(None) };
+    let element = btf.resolve_chained_type(&a).map_err(|e| btf_err("an array's element type", e))?;
+    Ok(match strip(btf, element)? {
+        Type::Struct(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// A memory cgroup's counters (`Task::memory_cgroup` in the probes); without them the
@@ -256,21 +248,6 @@ fn enum_value(btf: &Btf, name: &str, value: &str) -> Result<u32> {
         })
         .map(|m| m.val())
         .ok_or_else(|| Error::Btf(format!("enum {name} has no {value}")))
-}
-
-/// The type of member `name` of `s`, looked for through anonymous structs and unions.
-fn member_type(btf: &Btf, s: &btf_rs::Struct, name: &str) -> Option<Type> {
-    s.members.iter().find_map(|m| {
-        let t = btf.resolve_chained_type(m).ok()?;
-        match btf.resolve_name(m).unwrap_or_default() {
-            n if n == name => Some(t),
-            n if n.is_empty() => match strip(btf, t).ok()? {
-                Type::Struct(x) | Type::Union(x) => member_type(btf, &x, name),
-                _ => None,
-            },
-            _ => None,
-        }
-    })
 }
 
 impl Member {
@@ -412,7 +389,7 @@ impl Resolver<'_> {
         if at == MISSING {
             return None;
         }
-        rss_counters(self.btf, at).map_err(|e| self.missing.insert(RSS_STAT.name.into(), e)).ok()
+        rss_counters(self.btf, at).map_err(|e| self.missing.insert(RSS_STAT.name.into(), e.to_string())).ok()
     }
 
     /// The memory cgroup offsets, or `None` with the reason listed under `MEMORY_CGROUP`.
@@ -477,16 +454,21 @@ fn named_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct> {
 /// Byte offset of `path` (nested member names) inside `struct name`; members of anonymous
 /// structs and unions are searched through, as C does.
 pub fn offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
+    offset_and_type(btf, name, path).map(|(off, _)| off)
+}
+
+/// `offset`, and the member's type.
+fn offset_and_type(btf: &Btf, name: &str, path: &[&str]) -> Result<(u32, Type)> {
     let s = named_struct(btf, name)?;
-    let bits = member_bits(btf, &s, path)
+    let (bits, t) = member_bits(btf, &s, path)
         .ok_or_else(|| Error::Btf(format!("struct {name} has no member {}", path.join("."))))?;
     if bits % 8 != 0 {
         return Err(Error::Btf(format!("{name}.{} is a bit field", path.join("."))));
     }
-    Ok(bits / 8)
+    Ok((bits / 8, t))
 }
 
-fn member_bits(btf: &Btf, s: &btf_rs::Struct, path: &[&str]) -> Option<u32> {
+fn member_bits(btf: &Btf, s: &btf_rs::Struct, path: &[&str]) -> Option<(u32, Type)> {
     let (first, rest) = path.split_first()?;
     for m in &s.members {
         let name = btf.resolve_name(m).unwrap_or_default();
@@ -494,15 +476,17 @@ fn member_bits(btf: &Btf, s: &btf_rs::Struct, path: &[&str]) -> Option<u32> {
             Type::Struct(x) | Type::Union(x) => Some(x),
             _ => None,
         };
+        let below =
+            |path| inner().and_then(|x| member_bits(btf, &x, path)).map(|(o, t)| (m.bit_offset() + o, t));
         if name.is_empty() {
-            if let Some(off) = inner().and_then(|x| member_bits(btf, &x, path)) {
-                return Some(m.bit_offset() + off);
+            if let Some(found) = below(path) {
+                return Some(found);
             }
         } else if name == *first {
             if rest.is_empty() {
-                return Some(m.bit_offset());
+                return Some((m.bit_offset(), btf.resolve_chained_type(m).ok()?));
             }
-            return inner().and_then(|x| member_bits(btf, &x, rest)).map(|o| m.bit_offset() + o);
+            return below(rest);
         }
     }
     None
