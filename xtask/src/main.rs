@@ -58,6 +58,10 @@ enum Cmd {
         /// about 30 s a round.
         #[arg(long, default_value_t = 9)]
         rounds: usize,
+        /// Run the host-cost section as an A/A control: the daemon starts in neither half, so
+        /// each ratio shows the machine's own scatter.
+        #[arg(long)]
+        control: bool,
     },
     /// Run each fuzz target (cargo fuzz, libFuzzer) for a bounded time and print the
     /// executions reached; writes target/bench/fuzz.json.
@@ -137,7 +141,7 @@ fn xtask(cli: Cli) -> Result<()> {
             };
             demo::demo(demo::Opts { daemon, seconds, slice, cgroup_root, listen })
         }
-        Cmd::Bench { only, rounds } => {
+        Cmd::Bench { only, rounds, control } => {
             // perf, hackbench, nginx, wrk; without them hm-bench skips those workloads, saying so.
             if let Err(e) = run(Command::new("bash").arg(root.join("scripts/bench-deps"))) {
                 eprintln!("xtask: {e:#}");
@@ -163,6 +167,7 @@ fn xtask(cli: Cli) -> Result<()> {
                 .arg("--scratch")
                 .arg(&dir)
                 .args(["--rounds", &rounds.to_string()])
+                .args(control.then_some("--control"))
                 .args(only.iter().flat_map(|s| ["--only", s.as_str()])))?;
             match only.is_empty() {
                 true => fuzz(&root, BENCH_FUZZ_SECONDS),

@@ -78,13 +78,20 @@ struct Args {
     only: Vec<String>,
     /// Alternating rounds of each host-cost case.
     rounds: usize,
+    /// A/A control of the host-cost section: neither half starts the daemon, so each ratio
+    /// shows how far this machine's own scatter moves it.
+    control: bool,
 }
 
 fn args() -> Args {
     let mut a = std::env::args().skip(1);
     let (mut daemon, mut load, mut out, mut scratch) = (None, None, None, None);
-    let (mut only, mut rounds) = (Vec::new(), 9);
+    let (mut only, mut rounds, mut control) = (Vec::new(), 9, false);
     while let Some(flag) = a.next() {
+        if flag == "--control" {
+            control = true;
+            continue;
+        }
         if flag == "threads" {
             let n = a.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
             let secs = a.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
@@ -103,7 +110,7 @@ fn args() -> Args {
     }
     match (daemon, load, out, scratch) {
         (Some(daemon), Some(load), Some(out), Some(scratch)) => {
-            Args { daemon, load, out, scratch, only, rounds }
+            Args { daemon, load, out, scratch, only, rounds, control }
         }
         _ => usage(),
     }
@@ -111,7 +118,7 @@ fn args() -> Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: hm-bench --daemon BIN --load BIN --out FILE --scratch DIR [--rounds N] [--only SECTION]..."
+        "usage: hm-bench --daemon BIN --load BIN --out FILE --scratch DIR [--rounds N] [--control] [--only SECTION]..."
     );
     std::process::exit(2)
 }
@@ -1082,6 +1089,11 @@ fn host_cost(args: &Args) -> Value {
          {} rounds each, alternating; ratio = median with / median without",
         args.rounds
     );
+    if args.control {
+        println!(
+            "   CONTROL (--control): neither half starts the daemon; each ratio is this machine's own scatter"
+        );
+    }
     let tools =
         Tools { perf: tool("perf"), hackbench: tool("hackbench"), nginx: tool("nginx"), wrk: tool("wrk") };
     let cg = TestCgroup::new("bench_host");
@@ -1148,8 +1160,11 @@ fn host_cost(args: &Args) -> Value {
         // ABBA: odd rounds start with the daemon, so a drift of the host weighs on both alike.
         let order = if round % 2 == 0 { [false, true] } else { [true, false] };
         for monitored in order {
-            let daemon = monitored.then(|| Daemon::start(args, &cg, "host").ready());
-            for case in &mut cases {
+            let daemon = (monitored && !args.control).then(|| Daemon::start(args, &cg, "host").ready());
+            // Each ABBA pair of rounds starts with the next case, so none is always first.
+            let n = cases.len();
+            for i in 0..n {
+                let case = &mut cases[(i + round / 2) % n];
                 let dir = if case.place == Place::Inside { &inside } else { &outside };
                 let before = daemon.as_ref().map(|d| (Instant::now(), monitor_cpu_ns(d.pid())));
                 let result = run_load(args, &tools, case.load, dir, cpu);
@@ -1173,7 +1188,7 @@ fn host_cost(args: &Args) -> Value {
     }
 
     let rows = host_table(&cases, pipe);
-    json!({ "rounds": args.rounds, "pipe_cpu": cpu, "notes": notes, "rows": rows })
+    json!({ "rounds": args.rounds, "control": args.control, "pipe_cpu": cpu, "notes": notes, "rows": rows })
 }
 
 /// Prints the host-cost table; returns its rows as JSON.
