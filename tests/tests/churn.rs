@@ -16,6 +16,8 @@ const DAEMON: &str = env!("CARGO_BIN_EXE_hm-daemon");
 const BATCHES: usize = 10;
 const WORKERS_PER_BATCH: usize = 50;
 const FORKS_PER_WORKER: usize = 20;
+/// Heartbeats (100 ms apart) the daemon has sent before its memory is taken as the baseline.
+const SETTLE_BEATS: u64 = 15;
 
 fn rss_kib(pid: u32) -> u64 {
     proc_field(pid, "status", "VmRSS:")
@@ -46,28 +48,44 @@ fn workers_and_processes_come_and_go() {
     let daemon_pid = daemon.id();
     // Read the daemon's heartbeats as they come, checking each against the one before.
     let stdout = daemon.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let (mut beats, mut last_seq, mut regressions) = (0u64, 0u64, Vec::new());
-        let mut totals = std::collections::HashMap::<String, u64>::new();
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let hb: serde_json::Value = serde_json::from_str(&line).expect("a heartbeat");
-            let seq = hb["seq"].as_u64().unwrap();
-            if seq != last_seq + 1 {
-                regressions.push(format!("seq {last_seq} then {seq}"));
-            }
-            last_seq = seq;
-            beats += 1;
-            for w in hb["workers"].as_array().unwrap() {
-                let cpu = w["cpu_ns_total"].as_u64().unwrap();
-                let prev = totals.insert(w["cgroup"].as_str().unwrap().to_string(), cpu).unwrap_or(0);
-                if cpu < prev {
-                    regressions.push(format!("{}: cpu {prev} then {cpu}", w["cgroup"]));
+    let beats_read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = std::thread::spawn({
+        let beats_read = beats_read.clone();
+        move || {
+            let (mut beats, mut last_seq, mut regressions) = (0u64, 0u64, Vec::new());
+            let mut totals = std::collections::HashMap::<String, u64>::new();
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let hb: serde_json::Value = serde_json::from_str(&line).expect("a heartbeat");
+                let seq = hb["seq"].as_u64().unwrap();
+                if seq != last_seq + 1 {
+                    regressions.push(format!("seq {last_seq} then {seq}"));
+                }
+                last_seq = seq;
+                beats += 1;
+                beats_read.store(beats, std::sync::atomic::Ordering::Relaxed);
+                for w in hb["workers"].as_array().unwrap() {
+                    let cpu = w["cpu_ns_total"].as_u64().unwrap();
+                    let prev = totals.insert(w["cgroup"].as_str().unwrap().to_string(), cpu).unwrap_or(0);
+                    if cpu < prev {
+                        regressions.push(format!("{}: cpu {prev} then {cpu}", w["cgroup"]));
+                    }
                 }
             }
+            (beats, regressions)
         }
-        (beats, regressions)
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // The baseline is the daemon at work, not still starting: on a cold machine its first
+    // heartbeat can come after more than a second.
+    let settled = std::time::Instant::now() + Duration::from_secs(60);
+    while beats_read.load(std::sync::atomic::Ordering::Relaxed) < SETTLE_BEATS
+        && std::time::Instant::now() < settled
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        beats_read.load(std::sync::atomic::Ordering::Relaxed) >= SETTLE_BEATS,
+        "the daemon's heartbeats did not come"
+    );
     let baseline = rss_kib(daemon_pid);
 
     let forks = FORKS_PER_WORKER.to_string();
