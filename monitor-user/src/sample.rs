@@ -1,13 +1,10 @@
 //! The model: one pure function, `Sample::new`, from two passes' readings to what the
 //! heartbeat reports. Every rate, and every figure left null, is decided here and only here;
 //! the sampler collects, the heartbeat formats.
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use monitor_common::{ProbeStats, TaskEvent};
+use rustc_hash::FxHashMap;
 
 pub use crate::probes::Counters;
 use crate::{
@@ -298,7 +295,7 @@ pub struct Sample {
 impl Sample {
     /// The sample `cur` makes after `prev`: every rate over the time between them.
     pub fn new(prev: &Readings, cur: &Readings) -> Self {
-        let before: HashMap<u64, &WorkerReadings> = prev.workers.iter().map(|w| (w.cgroup.id, w)).collect();
+        let before: FxHashMap<u64, &WorkerReadings> = prev.workers.iter().map(|w| (w.cgroup.id, w)).collect();
         let workers =
             cur.workers.iter().map(|w| worker(prev, before.get(&w.cgroup.id).copied(), cur, w)).collect();
         let setup = &cur.setup;

@@ -1,13 +1,10 @@
 //! The collector: reads the probes and the files once per interval into plain `Readings`,
 //! keeping only what reading needs (open files, caches, the probes). `Sample::new` turns two
 //! passes' readings into figures.
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{sync::Arc, time::SystemTime};
 
 use monitor_common::{SliceFilter, TaskEventKind};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
     error::Result,
@@ -79,7 +76,7 @@ pub struct Sampler {
     filter: SliceFilter,
     /// The last pass's readings, which the next sample's rates start from.
     prev: Readings,
-    mains: HashMap<u64, MainProcess>,
+    mains: FxHashMap<u64, MainProcess>,
     models: ModelNames,
     memory: MemorySource,
     /// Each worker's `cgroup.procs`, kept open.
@@ -92,7 +89,7 @@ pub struct Sampler {
     prewarm_threshold_pct: f64,
     model_dir: Option<std::path::PathBuf>,
     /// Device index → when its last pre-warm signal went out.
-    prewarmed: HashMap<u32, std::time::Instant>,
+    prewarmed: FxHashMap<u32, std::time::Instant>,
     clk_tck: u64,
 }
 
@@ -169,7 +166,7 @@ impl Sampler {
             slice,
             worker_list: WorkerList::default(),
             filter,
-            mains: HashMap::new(),
+            mains: FxHashMap::default(),
             models: ModelNames::new(),
             memory: MemorySource::new(v1_memory_mount()),
             procs_files: KeptFiles::default(),
@@ -178,7 +175,7 @@ impl Sampler {
             gpus,
             prewarm_threshold_pct: options.prewarm_threshold_pct,
             model_dir: options.model_dir,
-            prewarmed: HashMap::new(),
+            prewarmed: FxHashMap::default(),
             clk_tck,
         };
         sampler.prev = sampler.collect(0)?;
@@ -248,15 +245,15 @@ impl Sampler {
             }
         }
 
-        let seen: HashSet<u64> = workers.iter().map(|w| w.cgroup.id).collect();
+        let seen: FxHashSet<u64> = workers.iter().map(|w| w.cgroup.id).collect();
         if self.setup.sources.io_fallback() {
             self.fallback_io.end_sample(&seen, boottime_s);
         }
         self.forget_removed(&seen, &kernel.workers);
         self.mains.retain(|id, _| seen.contains(id));
-        let live: HashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
+        let live: FxHashSet<(u32, u64)> = self.mains.values().map(|m| (m.pid, m.start_ticks)).collect();
         self.models.retain(|k| live.contains(k));
-        let live_pids: HashSet<u32> = live.iter().map(|m| m.0).collect();
+        let live_pids: FxHashSet<u32> = live.iter().map(|m| m.0).collect();
         self.memory.retain_mains(|pid| live_pids.contains(&pid));
         Ok(Readings {
             setup: Arc::clone(&self.setup),
@@ -279,12 +276,12 @@ impl Sampler {
     /// forked, exec'd or ended in between; a task only enters a stall by running, so the
     /// files' totals cannot have grown. Reading three files per idle worker was most of the
     /// daemon's cost on a host of many workers.
-    fn unstalled(&self, kernel: &KernelReading) -> HashMap<u64, pressure::WorkerPressure> {
+    fn unstalled(&self, kernel: &KernelReading) -> FxHashMap<u64, pressure::WorkerPressure> {
         let (Some(now), Some(then)) = (&kernel.may_stall, &self.prev.kernel.may_stall) else {
-            return HashMap::new();
+            return FxHashMap::default();
         };
         if self.setup.sources.ctx_switches != Source::Ebpf {
-            return HashMap::new();
+            return FxHashMap::default();
         }
         let activity = |r: &KernelReading, id: u64| {
             r.workers.get(&id).map(|w| {
@@ -371,7 +368,7 @@ impl Sampler {
     /// Drops the kernel counters of workers whose cgroup is gone. An id counts as gone when
     /// it was counted at the last reading yet missing from this walk; one created after this
     /// walk is not in the last reading, so it is kept until the next walk finds it.
-    fn forget_removed(&mut self, seen: &HashSet<u64>, current: &HashMap<u64, WorkerReading>) {
+    fn forget_removed(&mut self, seen: &FxHashSet<u64>, current: &FxHashMap<u64, WorkerReading>) {
         let gone: Vec<u64> = current
             .keys()
             .filter(|id| !seen.contains(id) && self.prev.kernel.workers.contains_key(id))
@@ -435,11 +432,11 @@ impl Sampler {
 #[derive(Default)]
 struct FallbackIo {
     /// pid → its counters at the last sample.
-    last: HashMap<u32, ProcessIo>,
+    last: FxHashMap<u32, ProcessIo>,
     /// The same, for the sample being taken.
-    seen: HashMap<u32, ProcessIo>,
+    seen: FxHashMap<u32, ProcessIo>,
     /// Worker → bytes counted so far.
-    totals: HashMap<u64, ProcessIo>,
+    totals: FxHashMap<u64, ProcessIo>,
     /// CLOCK_BOOTTIME s of the last sample; 0 before the first.
     last_boottime_s: f64,
     warned: bool,
@@ -484,7 +481,7 @@ impl FallbackIo {
     }
 
     /// Ends a sample: forgets exited processes and removed workers.
-    fn end_sample(&mut self, workers: &HashSet<u64>, boottime_s: f64) {
+    fn end_sample(&mut self, workers: &FxHashSet<u64>, boottime_s: f64) {
         self.last = std::mem::take(&mut self.seen);
         self.totals.retain(|w, _| workers.contains(w));
         self.last_boottime_s = boottime_s;

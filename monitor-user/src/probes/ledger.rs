@@ -4,9 +4,8 @@
 //! worker it is in at the second. A task is counted from zero if it was born since the
 //! previous pass, else from when it is first seen (it was there before the monitor, or came
 //! from outside the slice), so nothing that ran outside a worker is counted in it.
-use std::collections::HashMap;
-
 use monitor_common::{TaskCounters, TaskRecord};
+use rustc_hash::FxHashMap;
 
 /// Declares `Counters<T>`, one `T` per worker counter, with field-wise helpers, so that a
 /// counter added here is carried by the ledger's totals and by the sample's totals and
@@ -111,12 +110,11 @@ struct TaskState {
 
 #[derive(Default)]
 pub struct Ledger {
-    /// Looked up once per task record and event: FxHash, which costs a fraction of std's
-    /// SipHash for integer keys (no hash flooding to fear: the keys come from the kernel).
-    tasks: HashMap<(u32, u64), TaskState, rustc_hash::FxBuildHasher>,
-    totals: HashMap<u64, WorkerCounters>,
+    /// Looked up once per task record and event.
+    tasks: FxHashMap<(u32, u64), TaskState>,
+    totals: FxHashMap<u64, WorkerCounters>,
     /// Worker → what ended tasks were counted beyond their final counters (see `end`).
-    owed: HashMap<u64, WorkerCounters>,
+    owed: FxHashMap<u64, WorkerCounters>,
     /// CLOCK_MONOTONIC ns the previous pass began; `None` before the first.
     last_pass_ns: Option<u64>,
     pass: u64,
@@ -245,7 +243,7 @@ impl Ledger {
         self.last_pass_ns = Some(at_ns);
     }
 
-    pub fn totals(&self) -> &HashMap<u64, WorkerCounters> {
+    pub fn totals(&self) -> &FxHashMap<u64, WorkerCounters> {
         &self.totals
     }
 

@@ -4,10 +4,7 @@ pub mod figures;
 mod layout;
 pub mod ledger;
 
-use std::{
-    collections::{BTreeSet, HashMap, HashSet},
-    io::Read as _,
-};
+use std::{collections::BTreeSet, io::Read as _};
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -25,6 +22,8 @@ pub use self::{
     figures::{Availability, Figure, ProgramStatus},
     ledger::{Counters, WorkerCounters},
 };
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use crate::error::{Error, Result};
 
 /// The object `build.rs` compiled from `monitor-ebpf`.
@@ -78,7 +77,7 @@ pub struct Probes {
     availability: Availability,
     ledger: Ledger,
     /// Workers whose process counts changed since they were last read, and those counts.
-    process_counts: HashMap<u64, ProcessCounts>,
+    process_counts: FxHashMap<u64, ProcessCounts>,
     events_lost: u64,
     /// Whether the iterator reads processes' resident memory, and their memory cgroups'
     /// counters, on this kernel.
@@ -111,7 +110,7 @@ pub struct KernelReading {
     /// CLOCK_MONOTONIC ns at which the pass started.
     pub at_ns: u64,
     /// Worker cgroup id → its reading.
-    pub workers: HashMap<u64, WorkerReading>,
+    pub workers: FxHashMap<u64, WorkerReading>,
     pub stats: ProbeStats,
     /// CPU time this thread spent in the kernel running the task iterator, ns.
     pub kernel_ns: u64,
@@ -119,27 +118,27 @@ pub struct KernelReading {
     pub events: Vec<TaskEvent>,
     /// Worker cgroup id → its processes (thread group ids, sorted) not exiting, as the
     /// iterator found them; `None` without the iterator.
-    pub processes: Option<HashMap<u64, Vec<u32>>>,
+    pub processes: Option<FxHashMap<u64, Vec<u32>>>,
     /// Workers with a task that may be stalled (`TASK_MAY_STALL`) as the iterator passed it;
     /// `None` without the iterator.
-    pub may_stall: Option<HashSet<u64>>,
+    pub may_stall: Option<FxHashSet<u64>>,
     /// Worker cgroup id → the resident memory of those processes, summed; a worker is absent
     /// when it has none, or when a process's could not be read (then `/proc` says). `None`
     /// where the iterator cannot read memory on this kernel.
-    pub memory: Option<HashMap<u64, ProcessMemory>>,
+    pub memory: Option<FxHashMap<u64, ProcessMemory>>,
     /// Process (thread group id) → the memory cgroup it is charged to, with that cgroup's
     /// counters; `None` where the iterator cannot read them on this kernel.
-    pub memory_cgroups: Option<HashMap<u32, CgroupMemory>>,
+    pub memory_cgroups: Option<FxHashMap<u32, CgroupMemory>>,
 }
 
 /// What one pass of the task iterator found besides the ledger's counts.
 struct Pass {
     at_ns: u64,
     kernel_ns: u64,
-    processes: HashMap<u64, Vec<u32>>,
-    may_stall: HashSet<u64>,
-    memory: HashMap<u64, ProcessMemory>,
-    memory_cgroups: HashMap<u32, CgroupMemory>,
+    processes: FxHashMap<u64, Vec<u32>>,
+    may_stall: FxHashSet<u64>,
+    memory: FxHashMap<u64, ProcessMemory>,
+    memory_cgroups: FxHashMap<u32, CgroupMemory>,
 }
 
 impl Probes {
@@ -215,7 +214,7 @@ impl Probes {
             programs,
             availability,
             ledger: Ledger::default(),
-            process_counts: HashMap::new(),
+            process_counts: FxHashMap::default(),
             events_lost: 0,
             reads_memory,
             reads_memory_cgroups,
@@ -321,7 +320,7 @@ impl Probes {
         });
         // Events lost: any worker's process counts may have changed.
         let lost = std::mem::replace(&mut self.events_lost, stats.events_lost) != stats.events_lost;
-        let changed: HashSet<u64> = match lost {
+        let changed: FxHashSet<u64> = match lost {
             true => self.ledger.totals().keys().chain(self.process_counts.keys()).copied().collect(),
             false => events.iter().filter(|e| counts_process(e)).map(|e| e.task.worker).collect(),
         };
@@ -439,11 +438,11 @@ impl Probes {
         file.read_to_end(&mut bytes).map_err(|e| Error::Iterator(e.to_string()))?;
         let kernel_ns = thread_cpu_ns().saturating_sub(cpu_before);
         const SIZE: usize = std::mem::size_of::<IterRecord>();
-        let mut processes: HashMap<u64, Vec<u32>> = HashMap::new();
-        let mut may_stall = HashSet::new();
-        let mut memory: HashMap<u64, ProcessMemory> = HashMap::new();
-        let mut memory_unreadable = HashSet::new();
-        let mut memory_cgroups = HashMap::new();
+        let mut processes: FxHashMap<u64, Vec<u32>> = FxHashMap::default();
+        let mut may_stall = FxHashSet::default();
+        let mut memory: FxHashMap<u64, ProcessMemory> = FxHashMap::default();
+        let mut memory_unreadable = FxHashSet::default();
+        let mut memory_cgroups = FxHashMap::default();
         for chunk in bytes.chunks_exact(SIZE) {
             // SAFETY: each chunk is one IterRecord the program wrote, plain old data.
             let IterRecord { task: record, memory: m, memory_cgroup } =

@@ -6,14 +6,14 @@
 //! unreadable file into 0: a cgroup that vanished mid-read would be reported as using no
 //! memory. Here it is an error, and the figure is left out.
 use std::{
-    collections::{hash_map::Entry, HashMap, HashSet},
+    collections::hash_map::Entry,
     ffi::OsString,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
 use monitor_common::{CgroupMemory, ProcessMemory};
-use rustc_hash::FxBuildHasher;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
     error::{Error, Result},
@@ -59,15 +59,15 @@ pub struct MemorySource {
     /// cgroups then (a child made since holds processes missing from the listing, so the
     /// figure is summed over the processes until the next lookup: never a wrong one), and
     /// its id (inode number).
-    v1_dirs: HashMap<u32, V1Dir, FxBuildHasher>,
+    v1_dirs: FxHashMap<u32, V1Dir>,
     /// The processes of each v1 memory cgroup looked at during this sample.
-    v1_members: HashMap<PathBuf, HashSet<u32, FxBuildHasher>, FxBuildHasher>,
+    v1_members: FxHashMap<PathBuf, FxHashSet<u32>>,
     /// v1 memory cgroups that the main processes of two or more workers are in: such a
     /// cgroup holds more than any one worker, so its members need no listing (on a host
     /// whose workers all share one, that listing would be every worker's processes, sorted,
     /// once a sample).
     /// (Keyed by the path's bytes: a `Path` hashes component by component.)
-    v1_shared: HashSet<OsString, FxBuildHasher>,
+    v1_shared: FxHashSet<OsString>,
     /// Whether `v1_dirs` changed since `v1_shared` was worked out.
     v1_dirs_changed: bool,
     samples: u64,
@@ -99,9 +99,9 @@ impl MemorySource {
     pub fn new(v1_mount: Option<PathBuf>) -> Self {
         Self {
             v1_mount,
-            v1_dirs: HashMap::default(),
-            v1_members: HashMap::default(),
-            v1_shared: HashSet::default(),
+            v1_dirs: FxHashMap::default(),
+            v1_members: FxHashMap::default(),
+            v1_shared: FxHashSet::default(),
             v1_dirs_changed: false,
             samples: 0,
             files: KeptFiles::default(),
@@ -121,7 +121,7 @@ impl MemorySource {
         if !std::mem::take(&mut self.v1_dirs_changed) {
             return;
         }
-        let mut seen = HashSet::new();
+        let mut seen = FxHashSet::default();
         self.v1_shared = self
             .v1_dirs
             .values()

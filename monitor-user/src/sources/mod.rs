@@ -23,7 +23,7 @@ pub fn read_small(path: &std::path::Path) -> std::io::Result<String> {
 pub struct KeptFiles {
     /// Keyed by the path's bytes: hashing and comparing a `Path` walks its components,
     /// which showed in profiles at thousands of reads a second (as did std's SipHash).
-    files: std::collections::HashMap<std::ffi::OsString, (std::fs::File, bool), rustc_hash::FxBuildHasher>,
+    files: rustc_hash::FxHashMap<std::ffi::OsString, (std::fs::File, bool)>,
     /// Reused by every read: a fresh zeroed page per file was a tenth of the reading.
     buf: Vec<u8>,
 }

@@ -5,23 +5,24 @@
 //! model can hold for a long time, so each process's command line is read once, on a thread
 //! of its own; the sampler only looks up what that thread has found.
 use std::{
-    collections::{HashMap, HashSet},
     path::Path,
     sync::{mpsc, Arc, Mutex},
 };
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// A process, identified across pid reuse by its start time.
 pub type ProcessKey = (u32, u64);
 
 pub struct ModelNames {
-    found: Arc<Mutex<HashMap<ProcessKey, Option<String>>>>,
+    found: Arc<Mutex<FxHashMap<ProcessKey, Option<String>>>>,
     requests: mpsc::Sender<ProcessKey>,
-    asked: HashSet<ProcessKey>,
+    asked: FxHashSet<ProcessKey>,
 }
 
 impl ModelNames {
     pub fn new() -> Self {
-        let found = Arc::new(Mutex::new(HashMap::new()));
+        let found = Arc::new(Mutex::new(FxHashMap::default()));
         let (requests, rx) = mpsc::channel::<ProcessKey>();
         let results = Arc::clone(&found);
         crate::privilege::spawn_unprivileged("model-names", move || {
@@ -31,7 +32,7 @@ impl ModelNames {
             }
         })
         .expect("spawn the model-name thread");
-        Self { found, requests, asked: HashSet::new() }
+        Self { found, requests, asked: FxHashSet::default() }
     }
 
     /// The model of `process` if its command line has been read; asks for it otherwise.

@@ -2,7 +2,6 @@
 //! utilisation. The library is opened once; a missing one means no GPU figures (logged once),
 //! never zeros. A device that fails as lost is dropped and probed again later.
 use std::{
-    collections::HashMap,
     path::Path,
     time::{Duration, Instant},
 };
@@ -10,6 +9,7 @@ use std::{
 use nvml_wrapper::{
     enum_wrappers::device::TemperatureSensor, enums::device::UsedGpuMemory, error::NvmlError, Nvml,
 };
+use rustc_hash::FxHashMap;
 
 /// How long a lost device is left alone before it is probed again.
 const REPROBE_AFTER: Duration = Duration::from_secs(10);
@@ -41,7 +41,7 @@ pub struct ProcessOnDevice {
 pub struct GpuReading {
     pub devices: Vec<DeviceReading>,
     /// pid → its use of each device it is on.
-    pub processes: HashMap<u32, Vec<ProcessOnDevice>>,
+    pub processes: FxHashMap<u32, Vec<ProcessOnDevice>>,
     /// Every device's process lists and per-process utilisation were read: a process on
     /// none of them uses no GPU (a measured zero, not a missing figure).
     pub complete: bool,
@@ -50,9 +50,9 @@ pub struct GpuReading {
 pub struct Gpus {
     nvml: Nvml,
     /// Per device index: the newest utilisation sample timestamp seen.
-    last_seen: HashMap<u32, u64>,
+    last_seen: FxHashMap<u32, u64>,
     /// Devices found lost, and when.
-    lost: HashMap<u32, Instant>,
+    lost: FxHashMap<u32, Instant>,
 }
 
 /// Whether an NVIDIA kernel driver is loaded. Without NVML and without it, the host has no
@@ -70,7 +70,7 @@ impl Gpus {
             builder.lib_path(lib.as_os_str());
         }
         match builder.init() {
-            Ok(nvml) => Some(Self { nvml, last_seen: HashMap::new(), lost: HashMap::new() }),
+            Ok(nvml) => Some(Self { nvml, last_seen: FxHashMap::default(), lost: FxHashMap::default() }),
             Err(e) => {
                 log::info!("no GPU figures: NVML unavailable ({e})");
                 None
@@ -140,7 +140,7 @@ impl Gpus {
 
         // A process may hold compute and graphics contexts; the driver reports its memory
         // in both lists.
-        let mut vram: HashMap<u32, Option<u64>> = HashMap::new();
+        let mut vram: FxHashMap<u32, Option<u64>> = FxHashMap::default();
         for list in [device.running_compute_processes(), device.running_graphics_processes()] {
             match list {
                 Ok(list) => {
@@ -162,7 +162,7 @@ impl Gpus {
         }
 
         let last_seen = self.last_seen.get(&index).copied();
-        let mut util: Option<HashMap<u32, (f64, u32)>> = Some(HashMap::new());
+        let mut util: Option<FxHashMap<u32, (f64, u32)>> = Some(FxHashMap::default());
         match device.process_utilization_stats(last_seen) {
             Ok(samples) => {
                 let sums = util.as_mut().expect("set above");
