@@ -222,7 +222,7 @@ impl Sampler {
         }
         let cgroups = self.worker_list.current(&self.slice)?;
         let wall = SystemTime::now();
-        let kernel = match &mut self.probes {
+        let mut kernel = match &mut self.probes {
             Some(p) => p.read()?,
             None => KernelReading { at_ns: crate::probes::monotonic_ns(), ..Default::default() },
         };
@@ -237,10 +237,11 @@ impl Sampler {
         self.procs_files.sweep();
         self.pressure_files.sweep();
         let mut unstalled = self.unstalled(&kernel);
+        let mut processes = kernel.processes.take();
         let mut workers = Vec::with_capacity(cgroups.len());
         for cg in cgroups {
             let pressure = unstalled.remove(&cg.id);
-            if let Some(w) = self.worker(cg, &kernel, pressure) {
+            if let Some(w) = self.worker(cg, &kernel, processes.as_mut(), pressure) {
                 workers.push(w);
             }
         }
@@ -300,20 +301,24 @@ impl Sampler {
                 && !then.contains(&id)
                 && activity(kernel, id) == activity(&self.prev.kernel, id)
         };
-        self.prev.workers.iter().filter(|w| quiet(w.cgroup.id)).map(|w| (w.cgroup.id, w.pressure)).collect()
+        let mut unstalled = FxHashMap::with_capacity_and_hasher(self.prev.workers.len(), Default::default());
+        unstalled.extend(self.prev.workers.iter().filter(|w| quiet(w.cgroup.id)).map(|w| (w.cgroup.id, w.pressure)));
+        unstalled
     }
 
-    /// One worker's files; `None` when its processes cannot be listed. `unstalled`: its
+    /// One worker's files; `None` when its processes cannot be listed. `processes`: every
+    /// worker's, as the iterator found them; its own are moved out. `unstalled`: its
     /// pressure as last read, when it cannot have changed since (see `unstalled`).
     fn worker(
         &mut self,
         cg: Arc<WorkerCgroup>,
         kernel: &KernelReading,
+        processes: Option<&mut FxHashMap<u64, Vec<u32>>>,
         unstalled: Option<pressure::WorkerPressure>,
     ) -> Option<WorkerReadings> {
         // The iterator found every worker's processes; without it, the cgroup files say.
-        let procs = match kernel.processes.as_ref() {
-            Some(by_worker) => by_worker.get(&cg.id).cloned().unwrap_or_default(),
+        let procs = match processes {
+            Some(by_worker) => by_worker.remove(&cg.id).unwrap_or_default(),
             None => match cgroup::worker_procs(&cg, &mut self.procs_files) {
                 Ok(p) => p,
                 Err(e) => {

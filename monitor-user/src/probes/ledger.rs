@@ -123,10 +123,8 @@ pub struct Ledger {
 impl Ledger {
     /// Counts the iterator's snapshot of a task's counters in this pass.
     pub fn record(&mut self, r: &TaskRecord) {
-        self.count(r);
-        if let Some(s) = self.tasks.get_mut(&(r.tid, r.start_ns)) {
-            s.seen = self.pass;
-        }
+        let pass = self.pass;
+        self.count(r).seen = pass;
     }
 
     /// Counts a snapshot of a task's counters that an event carried. Only the iterator's
@@ -135,20 +133,22 @@ impl Ledger {
         self.count(r);
     }
 
-    fn count(&mut self, r: &TaskRecord) {
+    /// One lookup of the task, on every record of every pass.
+    fn count(&mut self, r: &TaskRecord) -> &mut TaskState {
+        let born = self.born_since_last_pass(r.start_ns);
         let pass = self.pass;
-        let key = (r.tid, r.start_ns);
-        let counted = match self.tasks.get(&key) {
-            Some(s) => s.counted,
-            None if self.born_since_last_pass(r.start_ns) => TaskCounters::default(),
-            None => r.counters,
-        };
-        let (grown, counted) = growth(&counted, &r.counters);
-        self.add(r.worker, &grown);
-        // A task first known from an event has not been seen by an iterator yet.
-        let (exited_at, seen) =
-            self.tasks.get(&key).map_or((None, pass.saturating_sub(1)), |s| (s.exited_at, s.seen));
-        self.tasks.insert(key, TaskState { worker: r.worker, exited_at, counted, seen });
+        let Self { tasks, totals, owed, .. } = self;
+        let state = tasks.entry((r.tid, r.start_ns)).or_insert_with(|| TaskState {
+            worker: r.worker,
+            exited_at: None,
+            counted: if born { TaskCounters::default() } else { r.counters },
+            // A task first known from an event has not been seen by an iterator yet.
+            seen: pass.saturating_sub(1),
+        });
+        let (grown, counted) = growth(&state.counted, &r.counters);
+        (state.worker, state.counted) = (r.worker, counted);
+        add(totals, owed, r.worker, &grown);
+        state
     }
 
     /// A task moved to another cgroup, with its counters then: what it ran before goes to
@@ -163,7 +163,7 @@ impl Ledger {
                 if r.worker == 0 {
                     self.tasks.remove(&key);
                 }
-                self.add(worker, &grown);
+                add(&mut self.totals, &mut self.owed, worker, &grown);
             }
             // From outside (a worker's process is started outside and moves itself in): it
             // counts from its counters at the move.
@@ -183,10 +183,7 @@ impl Ledger {
     /// Counts a task's counters as it begins to exit, at `at_ns`; its final ones are to come
     /// (`end`).
     pub fn exit(&mut self, r: &TaskRecord, at_ns: u64) {
-        self.note(r);
-        if let Some(s) = self.tasks.get_mut(&(r.tid, r.start_ns)) {
-            s.exited_at = Some(at_ns);
-        }
+        self.count(r).exited_at = Some(at_ns);
     }
 
     /// Tasks that have begun to exit, that this pass's iterator did not see (they were
@@ -209,20 +206,6 @@ impl Ledger {
         }
     }
 
-    /// Adds a task's growth to its worker's total, less what the worker owes.
-    fn add(&mut self, worker: u64, grown: &TaskCounters) {
-        let mut grown = WorkerCounters::of_task(grown);
-        if let Some(owed) = self.owed.get_mut(&worker) {
-            let paid = owed.zip(grown).map(|(o, g)| o.min(g));
-            *owed = owed.zip(paid).map(|(o, p)| o - p);
-            grown = grown.zip(paid).map(|(g, p)| g - p);
-            if *owed == WorkerCounters::default() {
-                self.owed.remove(&worker);
-            }
-        }
-        let total = self.totals.entry(worker).or_default();
-        *total = total.zip(grown).map(|(t, g)| t + g);
-    }
 
     fn born_since_last_pass(&self, start_ns: u64) -> bool {
         self.last_pass_ns.is_some_and(|t| start_ns.saturating_add(BIRTH_MARGIN_NS) >= t)
@@ -262,6 +245,26 @@ impl Ledger {
     pub fn tasks(&self) -> usize {
         self.tasks.len()
     }
+}
+
+/// Adds a task's growth to its worker's total, less what the worker owes.
+fn add(
+    totals: &mut FxHashMap<u64, WorkerCounters>,
+    owed: &mut FxHashMap<u64, WorkerCounters>,
+    worker: u64,
+    grown: &TaskCounters,
+) {
+    let mut grown = WorkerCounters::of_task(grown);
+    if let Some(o) = owed.get_mut(&worker) {
+        let paid = o.zip(grown).map(|(o, g)| o.min(g));
+        *o = o.zip(paid).map(|(o, p)| o - p);
+        grown = grown.zip(paid).map(|(g, p)| g - p);
+        if *o == WorkerCounters::default() {
+            owed.remove(&worker);
+        }
+    }
+    let total = totals.entry(worker).or_default();
+    *total = total.zip(grown).map(|(t, g)| t + g);
 }
 
 #[cfg(test)]

@@ -117,7 +117,8 @@ pub struct KernelReading {
     /// Fork, exec and process-exit events since the last pass, oldest first.
     pub events: Vec<TaskEvent>,
     /// Worker cgroup id → its processes (thread group ids, sorted) not exiting, as the
-    /// iterator found them; `None` without the iterator.
+    /// iterator found them; `None` without the iterator. The sampler moves each worker's
+    /// list into its readings.
     pub processes: Option<FxHashMap<u64, Vec<u32>>>,
     /// Workers with a task that may be stalled (`TASK_MAY_STALL`) as the iterator passed it;
     /// `None` without the iterator.
