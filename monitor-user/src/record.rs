@@ -448,7 +448,7 @@ pub fn replay(dir: &Path, from: Option<&str>, to: Option<&str>, worker: Option<&
             None => e.json,
             Some((group, instance)) => match serde_json::from_slice::<Heartbeat>(&e.json) {
                 Ok(mut hb) => {
-                    hb.workers.retain(|w| w.group == group && w.instance == instance);
+                    hb.workers.retain(|w| *w.group == *group && *w.instance == *instance);
                     if hb.workers.is_empty() {
                         return true;
                     }

@@ -73,7 +73,7 @@ pub struct WorkerReadings {
     /// `None` when it could not be read (the cause is logged).
     pub memory: Option<MemoryReading>,
     /// From the main process's command line; `None` until read, or when it names none.
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// CLOCK_MONOTONIC ns the pressure files were read, and what they said; for a worker none
     /// of whose tasks can have stalled since the last pass, what they said then (the files
     /// are not read again).
@@ -132,7 +132,7 @@ pub struct WorkerSample {
     pub per_s: Counters<Option<f64>>,
     /// `None` when it could not be read this time (the cause is logged).
     pub memory: Option<MemoryReading>,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// `None` when GPU figures are unavailable (no NVML).
     pub gpu: Option<WorkerGpu>,
     /// Pressure stalls of the worker's v2 cgroup, per resource in `pressure::RESOURCES`
@@ -504,9 +504,9 @@ mod tests {
     fn cgroup(id: u64) -> Arc<WorkerCgroup> {
         Arc::new(WorkerCgroup {
             group: "llm".into(),
-            instance: format!("w{id}"),
+            instance: format!("w{id}").into(),
             dir: format!("/sys/fs/cgroup/rbee.slice/llm/w{id}").into(),
-            path: format!("/rbee.slice/llm/w{id}"),
+            path: format!("/rbee.slice/llm/w{id}").into(),
             id,
         })
     }

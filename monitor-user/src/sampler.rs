@@ -302,7 +302,9 @@ impl Sampler {
                 && activity(kernel, id) == activity(&self.prev.kernel, id)
         };
         let mut unstalled = FxHashMap::with_capacity_and_hasher(self.prev.workers.len(), Default::default());
-        unstalled.extend(self.prev.workers.iter().filter(|w| quiet(w.cgroup.id)).map(|w| (w.cgroup.id, w.pressure)));
+        unstalled.extend(
+            self.prev.workers.iter().filter(|w| quiet(w.cgroup.id)).map(|w| (w.cgroup.id, w.pressure)),
+        );
         unstalled
     }
 

@@ -100,8 +100,8 @@ const COLUMNS: [Column; 10] = [
     Column {
         title: "MODEL",
         width: 8,
-        text: |w| w.model.clone().unwrap_or_else(|| "n/a".into()),
-        key: |w| w.model.clone().map_or(Key::Missing, Key::Text),
+        text: |w| w.model.as_deref().unwrap_or("n/a").to_string(),
+        key: |w| w.model.as_deref().map_or(Key::Missing, |m| Key::Text(m.to_string())),
     },
 ];
 
@@ -541,7 +541,7 @@ mod tests {
             uptime_s: Some(5),
             io_r_mb_s: None,
             io_w_mb_s: None,
-            cgroup: format!("/rbee.slice/{group}/{instance}"),
+            cgroup: format!("/rbee.slice/{group}/{instance}").into(),
             cgroup_id: 1,
             processes: 1,
             cpu_ns_total: Some(0),
@@ -811,7 +811,7 @@ mod tests {
         let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
         let url = serve_once("200 OK", serde_json::to_string(&snapshot()).unwrap());
         let hb = fetch(&client, &url).expect("a heartbeat");
-        assert_eq!((hb.seq, hb.workers.len(), hb.workers[1].instance.as_str()), (42, 3, "9090"));
+        assert_eq!((hb.seq, hb.workers.len(), &*hb.workers[1].instance), (42, 3, "9090"));
 
         let url = serve_once("200 OK", "{\"not\": \"a heartbeat\"}".into());
         assert!(matches!(fetch(&client, &url), Err(Error::Pull { .. })));

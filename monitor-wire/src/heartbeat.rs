@@ -1,6 +1,6 @@
 //! The heartbeat: the reference `HiveHeartbeat` shape (every reference field name) plus
 //! additive extensions. Figures not collected are `null`, never a made-up 0.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -96,21 +96,21 @@ pub struct DiskUsage {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Worker {
     pub pid: Option<u32>,
-    pub group: String,
-    pub instance: String,
+    pub group: Arc<str>,
+    pub instance: Arc<str>,
     pub cpu_pct: Option<f64>,
     /// Memory charged to the worker's memory cgroup (or its processes' summed RSS when that
     /// cgroup is shared; see `memory.source`), MiB.
     pub rss_mb: Option<u64>,
     pub gpu_util_pct: Option<f64>,
     pub vram_mb: Option<u64>,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     pub uptime_s: Option<u64>,
     pub io_r_mb_s: Option<f64>,
     pub io_w_mb_s: Option<f64>,
     // Extensions.
     /// The worker's cgroup path below the cgroup2 root.
-    pub cgroup: String,
+    pub cgroup: Arc<str>,
     pub cgroup_id: u64,
     pub processes: usize,
     /// `null` where CPU time is not measured (without BPF, when `cpu.stat` cannot be read).

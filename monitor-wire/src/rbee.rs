@@ -5,6 +5,8 @@
 //! expects an integer would make that worker invisible to its scheduling.
 //!
 //! These records only format a [`Heartbeat`]; no figure is computed here.
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::heartbeat::{DeviceVitals, Heartbeat, Source, Worker};
@@ -21,8 +23,8 @@ const MIB: f64 = (1u64 << 20) as f64;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProcessStats {
     pub pid: u32,
-    pub group: String,
-    pub instance: String,
+    pub group: Arc<str>,
+    pub instance: Arc<str>,
     pub cpu_pct: f64,
     pub rss_mb: u64,
     pub io_r_mb_s: f64,
@@ -33,7 +35,7 @@ pub struct ProcessStats {
     /// VRAM of the devices the worker's processes are on, or of every device when they are
     /// on none.
     pub total_vram_mb: u64,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// Names of the fields above whose value is not known this interval.
     pub unknown: Vec<String>,
     /// The devices the worker's processes are on (empty: none, or not known).

@@ -179,8 +179,8 @@ fn workers_vanishing_mid_sample_are_skipped() {
     while std::time::Instant::now() < deadline {
         let sample = sampler.sample().expect("a sample despite vanishing cgroups");
         samples += 1;
-        seen_flicker += sample.workers.iter().filter(|w| w.cgroup.group == "flicker").count();
-        let w = sample.workers.iter().find(|w| w.cgroup.instance == "steady").expect("the steady worker");
+        seen_flicker += sample.workers.iter().filter(|w| &*w.cgroup.group == "flicker").count();
+        let w = sample.workers.iter().find(|w| &*w.cgroup.instance == "steady").expect("the steady worker");
         assert!(w.cpu_pct().is_some() && w.memory.is_some() && w.pid.is_some(), "all its figures: {w:?}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -48,7 +48,7 @@ fn worker<'a>(sample: &'a Sample, instance: &str) -> &'a WorkerSample {
     sample
         .workers
         .iter()
-        .find(|w| w.cgroup.instance == instance)
+        .find(|w| &*w.cgroup.instance == instance)
         .unwrap_or_else(|| panic!("worker {instance} missing from sample: {sample:#?}"))
 }
 

@@ -74,7 +74,7 @@ fn device(
 }
 
 fn worker<'a>(s: &'a Sample, instance: &str) -> &'a WorkerSample {
-    s.workers.iter().find(|w| w.cgroup.instance == instance).unwrap()
+    s.workers.iter().find(|w| &*w.cgroup.instance == instance).unwrap()
 }
 
 #[test]

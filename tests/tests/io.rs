@@ -46,7 +46,7 @@ fn syscall_bytes_match_rchar_and_wchar() {
     let _ = std::fs::remove_file(&path);
 
     for (instance, load, moved) in [("files", &rw, 32 * MIB), ("pipes", &pipe, 64 * MIB)] {
-        let w = sample.workers.iter().find(|w| w.cgroup.instance == instance).unwrap();
+        let w = sample.workers.iter().find(|w| *w.cgroup.instance == *instance).unwrap();
         let (rchar, wchar) = proc_io(load.pid());
         let (ours_r, ours_w) = (w.totals.syscall_read_bytes.unwrap(), w.totals.syscall_write_bytes.unwrap());
         eprintln!("io {instance}: monitor read {ours_r} write {ours_w}; /proc io rchar {rchar} wchar {wchar}; moved {moved}");
@@ -126,7 +126,7 @@ fn storage_bytes_match_read_and_write_bytes() {
         let path = file(case.mode);
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(format!("{}.done", path.display()));
-        let w = sample.workers.iter().find(|w| w.cgroup.instance == case.mode).unwrap();
+        let w = sample.workers.iter().find(|w| *w.cgroup.instance == *case.mode).unwrap();
         let ours = (w.totals.storage_read_bytes.unwrap(), w.totals.storage_write_bytes.unwrap());
         // The children's own /proc/<pid>/io went with them: only the known bytes remain.
         let kernel = (case.mode != "children").then(|| proc_storage(load.pid()));

@@ -41,7 +41,7 @@ fn two_thousand_short_lived_processes() {
     let kernel_ns = cpu_stat_ns(&dir);
     thaw(&dir);
 
-    let w = sample.workers.iter().find(|w| w.cgroup.instance == "forks").unwrap();
+    let w = sample.workers.iter().find(|w| &*w.cgroup.instance == "forks").unwrap();
     let c = w.totals.map(|v| v.expect("the probes count processes"));
     let error = (c.cpu_ns as f64 - kernel_ns as f64) / kernel_ns as f64 * 100.0;
     eprintln!(

@@ -32,7 +32,7 @@ fn worker(sample: &Sample) -> &WorkerSample {
     sample
         .workers
         .iter()
-        .find(|w| w.cgroup.instance == "8080")
+        .find(|w| &*w.cgroup.instance == "8080")
         .unwrap_or_else(|| panic!("no worker: {sample:#?}"))
 }
 

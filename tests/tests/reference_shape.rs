@@ -102,7 +102,7 @@ fn a_reference_consumer_parses_our_heartbeats() {
     assert_eq!(beats.len(), 4);
     let last = beats.last().unwrap();
     assert_eq!(last.hive.vram_per_device.len(), 1);
-    let llm_stats = last.workers.iter().find(|w| w.instance == "8080").unwrap();
+    let llm_stats = last.workers.iter().find(|w| &*w.instance == "8080").unwrap();
     assert_eq!((llm_stats.pid, llm_stats.vram_mb), (llm.pid(), 2048));
     assert_eq!(llm_stats.model.as_deref(), Some("llama-3.2-1b"));
     // The queen's idle filter, over the interval with the stub's one utilisation sample: the

@@ -206,7 +206,6 @@ impl Ledger {
         }
     }
 
-
     fn born_since_last_pass(&self, start_ns: u64) -> bool {
         self.last_pass_ns.is_some_and(|t| start_ns.saturating_add(BIRTH_MARGIN_NS) >= t)
     }

@@ -295,7 +295,7 @@ pub fn registry(hb: &Heartbeat, own: SelfTotals) -> Registry {
     );
 
     for w in &hb.workers {
-        let l = || vec![("group", w.group.clone()), ("worker", w.instance.clone())];
+        let l = || vec![("group", w.group.to_string()), ("worker", w.instance.to_string())];
         let with = |extra: &[(&'static str, &str)]| {
             let mut v = l();
             v.extend(extra.iter().map(|(k, x)| (*k, x.to_string())));

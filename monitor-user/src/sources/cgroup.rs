@@ -57,11 +57,11 @@ pub struct Slice {
 pub struct WorkerCgroup {
     /// v2 cgroup id: the directory's inode number, what `bpf_get_current_cgroup_id()` returns.
     pub id: u64,
-    pub group: String,
-    pub instance: String,
+    pub group: Arc<str>,
+    pub instance: Arc<str>,
     pub dir: PathBuf,
     /// Path relative to the cgroup2 root, as `/proc/<pid>/cgroup` shows it (leading `/`).
-    pub path: String,
+    pub path: Arc<str>,
 }
 
 impl Slice {
@@ -115,13 +115,14 @@ impl Slice {
 
     /// The workers of one group, sorted by instance.
     fn group_workers(&self, group: &str, group_dir: &Path) -> Result<Vec<WorkerCgroup>> {
+        let name: Arc<str> = group.into();
         let mut out: Vec<WorkerCgroup> = subdirs(group_dir)?
             .into_iter()
             .map(|(instance, dir, id)| WorkerCgroup {
                 id,
-                path: format!("/{}/{group}/{instance}", self.rel.display()),
-                group: group.to_string(),
-                instance,
+                path: format!("/{}/{group}/{instance}", self.rel.display()).into(),
+                group: Arc::clone(&name),
+                instance: instance.into(),
                 dir,
             })
             .collect();

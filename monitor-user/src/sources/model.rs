@@ -15,7 +15,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 pub type ProcessKey = (u32, u64);
 
 pub struct ModelNames {
-    found: Arc<Mutex<FxHashMap<ProcessKey, Option<String>>>>,
+    found: Arc<Mutex<FxHashMap<ProcessKey, Option<Arc<str>>>>>,
     requests: mpsc::Sender<ProcessKey>,
     asked: FxHashSet<ProcessKey>,
 }
@@ -28,7 +28,7 @@ impl ModelNames {
         crate::privilege::spawn_unprivileged("model-names", move || {
             for key in rx {
                 let model = read_cmdline(key.0).and_then(|args| model_from_args(&args));
-                results.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model);
+                results.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model.map(Arc::from));
             }
         })
         .expect("spawn the model-name thread");
@@ -37,7 +37,7 @@ impl ModelNames {
 
     /// The model of `process` if its command line has been read; asks for it otherwise.
     /// `None` until then, and for a command line that names no model.
-    pub fn get(&mut self, process: ProcessKey) -> Option<String> {
+    pub fn get(&mut self, process: ProcessKey) -> Option<Arc<str>> {
         if self.asked.insert(process) {
             let _ = self.requests.send(process);
             return None;

@@ -505,7 +505,7 @@ fn tick_cpu_ns(dir: &Path) -> u64 {
 }
 
 fn worker<'a>(sample: &'a monitor_user::sample::Sample, instance: &str) -> &'a WorkerSample {
-    sample.workers.iter().find(|w| w.cgroup.instance == instance).expect("worker in the sample")
+    sample.workers.iter().find(|w| &*w.cgroup.instance == instance).expect("worker in the sample")
 }
 
 fn cpu_accuracy(args: &Args) -> Value {
